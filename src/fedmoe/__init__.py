@@ -1,0 +1,7 @@
+"""fedmoe: personalised federated fine-tuning of Mixture-of-Experts language models.
+
+Implements FedMoE (Mei et al. 2024), HFedMoE, FLEx and the baselines FedAvg, FedProx,
+SCAFFOLD and randomMoE on native Hugging Face MoE classes.
+"""
+
+__version__ = "0.1.0"
