@@ -1,0 +1,264 @@
+"""Experiment configuration: dataclasses loaded from TOML, with ``--set key=value`` overrides.
+
+Every key is defined once here. Unknown keys are rejected with the nearest valid key
+suggested; values are type-checked against the dataclass annotations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmoe.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    #: preset (``tiny-mixtral``, ``minilm-moe-8e`` …), hub name or local directory
+    name: str = "tiny-mixtral"
+    #: parameter dtype on the server: float32 | bfloat16
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    #: folder holding ag_news/, squad/, xsum/ in their official formats
+    data_dir: str = "../shared/data"
+    #: task types held by clients (TC=AG News, RC=SQuAD v1.1, TS=XSum)
+    tasks: list[str] = field(default_factory=lambda: ["tc", "rc", "ts"])
+    #: cap on examples read per task (0 = all); keeps CPU runs small
+    max_examples_per_task: int = 0
+    #: maximum input length in tokens
+    max_seq_len: int = 128
+    #: maximum target length in tokens (text-to-text tasks)
+    max_target_len: int = 32
+    #: fractions of each client's share used for validation and test
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+
+
+@dataclass
+class SettingConfig:
+    #: one of standard-hetero-t | standard-hetero-td | enforced-hetero-t | enforced-hetero-td
+    preset: str = "standard-hetero-t"
+    num_clients: int = 30
+    #: clients per round for the uniform sampler (the enforced sampler always takes 3)
+    clients_per_round: int = 5
+    #: "uniform" or "enforced" (3 clients of 3 different tasks per round); "" = from preset
+    sampler: str = ""
+    #: "iid" or "dirichlet"; "" = from preset
+    partition: str = ""
+    #: Dirichlet concentration for label / cluster skew (ALGORITHMS.md §5 choice)
+    dirichlet_alpha: float = 0.5
+    #: number of k-means clusters for RC/TS clustering-based partitions (FedNLP)
+    num_clusters: int = 5
+    #: client memory budgets are drawn uniformly from [low, high] x (training bytes of
+    #: the full MoE); a fraction < 1 means no client fits the whole large MoE
+    budget_low: float = 0.45
+    budget_high: float = 0.75
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    #: local epochs per round (each over the client's train split)
+    local_epochs: int = 1
+    #: cap on local optimiser steps per round (0 = no cap)
+    max_local_steps: int = 0
+    batch_size: int = 8
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.1
+    #: coefficient ``a`` of the load-balance loss over kept experts (ALGORITHMS.md §1 stage 2 step 3)
+    load_balance_coef: float = 0.01
+    #: "lora" (paper default: LoRA on kept experts + attention, router rows trainable) or "full"
+    finetune: str = "lora"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    #: evaluation batch size
+    eval_batch_size: int = 32
+
+
+@dataclass
+class FedMoEConfig:
+    #: R1: stage-1 rounds of full-MoE LoRA fine-tuning by sufficient-memory clients
+    stage1_rounds: int = 5
+    #: R: stage-2 rounds
+    rounds: int = 20
+    #: α: share of the budget used by the initial submodel search (ALGORITHMS.md §1 choice)
+    alpha: float = 0.9
+    #: bracket tolerance of the θ binary search
+    theta_tol: float = 1e-4
+    #: P: participations without improvement before recommendation triggers
+    patience: int = 2
+    #: K: most similar clients used by the recommendation (eq. 4–6)
+    top_k_similar: int = 3
+    #: ablation switches (paper Table 2)
+    stage1: bool = True
+    stage2_adjust: bool = True
+    #: exclude clients whose dense part alone exceeds α·M (otherwise: fail loudly)
+    exclude_unfit: bool = False
+
+
+@dataclass
+class EngineConfig:
+    #: "inprocess" (default) or "flower-sim"
+    name: str = "inprocess"
+    #: measure the peak memory of each client's local step
+    measure_memory: bool = True
+    #: device: "auto" (CUDA when present), "cpu" or "cuda"
+    device: str = "auto"
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    #: fedmoe | fedavg | fedprox | scaffold | random_moe | hfedmoe | flex
+    algorithm: str = "fedmoe"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    setting: SettingConfig = field(default_factory=SettingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fedmoe: FedMoEConfig = field(default_factory=FedMoEConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, tp in _field_types(cls).items():
+        if _is_section(tp):
+            keys.extend(_valid_keys(tp, f"{prefix}{name}."))
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _suggest(key: str, cls: type) -> str:
+    close = difflib.get_close_matches(key, _valid_keys(cls), n=1, cutoff=0.5)
+    return f"did you mean `{close[0]}`?" if close else "see `fedmoe config show` for valid keys."
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(
+            f"Config key `{key}` must be {tp.__name__}, got {type(value).__name__} {value!r}.",
+            f"set it to a {tp.__name__}, e.g. --set {key}=<{tp.__name__}>.",
+        )
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"Config key `{key}` must be a list, got {value!r}.", f'write it as {key}=["a", "b"].')
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin in (types.UnionType, typing.Union):
+        for inner in typing.get_args(tp):
+            try:
+                return _coerce(key, value, inner)
+            except ConfigError:
+                continue
+        raise ConfigError(f"Config key `{key}` has an invalid value {value!r}.", f"use a value of type {tp}.")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, root: type) -> Any:
+    hints = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in hints:
+            raise ConfigError(f"Unknown config key `{full}`.", _suggest(full, root))
+        tp = hints[key]
+        if _is_section(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"Config key `{full}` is a section, not a value.", f"use [{full}] or {full}.<key>=…")
+            kwargs[key] = _build(tp, value, full + ".", root)
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value``; the value is read as TOML (numbers, booleans, lists), else a string."""
+    if "=" not in text:
+        raise ConfigError(f"Override `{text}` has no `=`.", "write overrides as --set section.key=value.")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override key `{'.'.join(path)}` goes through a value, not a section.")
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a TOML file (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file {p} does not exist.", "pass the path of a TOML file, e.g. configs/quickstart.toml.")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {p} is not valid TOML: {exc}.", "fix the syntax at that line.") from None
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _merge(data, keys, value)
+    return _build(ExperimentConfig, data, "", ExperimentConfig)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_toml(cfg: ExperimentConfig) -> str:
+    """Serialise a config to TOML (fully resolved: every key written)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    d = config_to_dict(cfg)
+    lines = [f"{k} = {fmt(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines.extend(f"{kk} = {fmt(vv)}" for kk, vv in v.items())
+    return "\n".join(lines) + "\n"

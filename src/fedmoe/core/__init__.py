@@ -1,0 +1,1 @@
+"""Pure server-side logic (no transformers, no flwr): layouts, aggregation, expert search."""

@@ -1,0 +1,1 @@
+"""Model surgery on native Hugging Face MoE classes: families, slicing, routing stats, LoRA, memory."""
