@@ -8,8 +8,10 @@ routing cannot be expressed over an arbitrary kept subset, so a sub-MoE routes w
 preset does) and documented as an approximation otherwise.
 """
 
+import types
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fedmoe.moe.families.base import MoEFamily
@@ -20,11 +22,25 @@ class DeepseekV3Family(MoEFamily):
     def fix_block(self, block: nn.Module, n: int) -> None:
         block.gate.num_group = 1
         block.gate.topk_group = 1
+        if n == 1:
+            # The native router scores groups by their top-2 experts, which needs >= 2
+            # experts; with one expert kept the routing is trivially that expert.
+            block.gate.forward = types.MethodType(_single_expert_route, block.gate)
 
     def restrict_config(self, config, max_kept: int, top_k: int) -> None:
         super().restrict_config(config, max_kept, top_k)
         config.n_group = 1
         config.topk_group = 1
+
+
+def _single_expert_route(self: nn.Module, hidden_states: torch.Tensor):
+    hidden_states = hidden_states.view(-1, self.hidden_dim)
+    router_logits = torch.nn.functional.linear(hidden_states.float(), self.weight.float())
+    weights = router_logits.sigmoid()
+    if self.norm_topk_prob:
+        weights = weights / (weights + 1e-20)
+    indices = torch.zeros_like(weights, dtype=torch.long)
+    return router_logits, weights * self.routed_scaling_factor, indices
 
 
 FAMILY = DeepseekV3Family(

@@ -1,0 +1,98 @@
+"""Load a model by name: ``tiny-<family>`` presets, pretrained presets, hub names or local paths.
+
+``tiny-<family>`` builds a small random model from the family's *real* ``transformers``
+config class (for tests and smoke runs). Hub names and local directories go through the
+normal ``from_pretrained`` code path; there is no network here, so hub names only work
+when they are in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from fedmoe.errors import ModelError
+from fedmoe.moe.families import FAMILIES, MoEFamily, family_for_model_type, supported
+
+TINY_PREFIX = "tiny-"
+
+
+def tiny_names() -> list[str]:
+    return [TINY_PREFIX + n.replace("_", "-") for n in FAMILIES]
+
+
+def _family_from_tiny(name: str) -> MoEFamily:
+    key = name[len(TINY_PREFIX):].replace("-", "_")
+    if key not in FAMILIES:
+        raise ModelError(
+            f"Unknown tiny model `{name}`.", f"use one of: {', '.join(tiny_names())}."
+        )
+    return FAMILIES[key]
+
+
+def auto_class(family: MoEFamily) -> Any:
+    return getattr(transformers, family.auto_class)
+
+
+def build_tiny(name: str, seed: int = 0, **config_overrides: Any) -> nn.Module:
+    """A small random model of the family's real config class, deterministic in ``seed``."""
+    family = _family_from_tiny(name)
+    config = family.build_config(**config_overrides)
+    torch.manual_seed(seed)
+    model = auto_class(family).from_config(config)
+    model.eval()
+    return model
+
+
+def load_model(name: str, seed: int = 0, dtype: str = "float32") -> tuple[nn.Module, MoEFamily]:
+    """Resolve ``name`` to a model and its family.
+
+    Order: ``tiny-<family>``; a pretrained preset (``minilm-moe-<E>e``, ``smollm2-moe-<E>e``);
+    a local directory; a hub name (offline: from the local cache only).
+    """
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ModelError(f"Unknown dtype `{dtype}`.", "use float32, bfloat16 or float16.")
+    if name.startswith(TINY_PREFIX):
+        model = build_tiny(name, seed=seed)
+        return model.to(torch_dtype), _family_from_tiny(name)
+    preset = _pretrained_preset(name)
+    if preset is not None:
+        model = preset[0] if isinstance(preset, tuple) else preset
+        return model.to(torch_dtype), family_for_model_type(model.config.model_type)
+    return _from_pretrained(name, torch_dtype)
+
+
+def _pretrained_preset(name: str) -> Any:
+    try:
+        from fedmoe.moe import presets
+    except ImportError:  # presets module not available
+        return None
+    return presets.build_pretrained_preset(name)
+
+
+def _from_pretrained(name: str, torch_dtype: torch.dtype) -> tuple[nn.Module, MoEFamily]:
+    local = Path(name).expanduser()
+    looks_local = local.exists() or name.startswith((".", "/", "~"))
+    if looks_local and not (local / "config.json").is_file():
+        raise ModelError(
+            f"Model path {local} has no config.json.",
+            "pass a directory written by `save_pretrained`, a hub name, or a preset "
+            f"({', '.join(tiny_names())}).",
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(local) if looks_local else name)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"Could not load model `{name}`: {str(exc).splitlines()[0]}",
+            "pass a local directory written by `save_pretrained`, a model in the local HF cache, "
+            f"or a preset ({', '.join(tiny_names())}); supported families: {supported()}.",
+        ) from None
+    family = family_for_model_type(config.model_type)
+    model = auto_class(family).from_pretrained(str(local) if looks_local else name, dtype=torch_dtype)
+    model.eval()
+    return model, family
