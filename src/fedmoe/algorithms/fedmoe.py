@@ -1,0 +1,262 @@
+"""FedMoE server logic (Mei et al. 2024): explicit state + pure verbs.
+
+The weights live elsewhere (aggregation: :func:`fedmoe.core.aggregation.modular_aggregate`).
+This module keeps the *structure* bookkeeping of ALGORITHMS.md §1:
+
+* :func:`predict_p` — stage 1 step 2: p for clients that did not report;
+* :func:`initial_expert_sets` — stage 1 step 3–4: θ binary search (eq. 3) per client, or
+  random sets under the same budget (randomMoE / ablation "w/o stage 1");
+* :func:`after_round` — stage 2 step 5 (Algorithm 1 lines 10–31): record p and scores, run
+  expert recommendation (eq. 4–6) for stalled clients, revert-and-freeze failed changes.
+
+Verbs never modify their input state; they return a new one (a deep copy).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedmoe.core.recommend import cosine_top_k, estimate_p_hat, recommend
+from fedmoe.core.search import ExpertSets, expert_count, random_expert_sets, theta_search
+from fedmoe.errors import BudgetError
+
+ClientId = int
+
+
+@dataclass
+class MemoryTable:
+    """Additive training-memory model: ``dense_bytes + Σ expert_bytes[i, j]`` ≤ budget."""
+
+    dense_bytes: float
+    expert_bytes: np.ndarray  #: [L, E] training bytes of each expert
+    budgets: dict[ClientId, float]  #: M_k per client, bytes
+
+
+@dataclass
+class ClientResult:
+    """What the server keeps from one client's stage-2 participation (Algorithm 1 line 7)."""
+
+    client_id: ClientId
+    num_examples: int
+    score: float  #: validation score (higher is better)
+    p: np.ndarray  #: [L, E] activation probabilities, 0 for experts not held
+
+
+@dataclass
+class PendingChange:
+    """An exploratory structural change awaiting its verdict at the next participation."""
+
+    previous_set: ExpertSets
+    score_before: float
+    round: int
+    action: dict[str, Any]
+
+
+@dataclass
+class FedMoEServerState:
+    """Everything the FedMoE server remembers between rounds, except the weights."""
+
+    expert_sets: dict[ClientId, ExpertSets] = field(default_factory=dict)  #: client-expert map
+    latest_p: dict[ClientId, np.ndarray] = field(default_factory=dict)
+    scores: dict[ClientId, list[float]] = field(default_factory=dict)  #: score history
+    stale: dict[ClientId, int] = field(default_factory=dict)  #: consecutive non-improving participations
+    frozen: set[ClientId] = field(default_factory=set)
+    pending: dict[ClientId, PendingChange] = field(default_factory=dict)
+    stage1_p: dict[ClientId, np.ndarray] = field(default_factory=dict)  #: p used by the search
+    stage1_reported: set[ClientId] = field(default_factory=set)  #: clients that measured p
+    theta: dict[ClientId, float] = field(default_factory=dict)
+    excluded: dict[ClientId, str] = field(default_factory=dict)  #: id → reason
+    round: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def predict_p(
+    reports: dict[ClientId, tuple[str, int, np.ndarray]],
+    clients: dict[ClientId, tuple[str, int]],
+    *,
+    fallback: str = "all",
+) -> dict[ClientId, np.ndarray]:
+    """Stage 1 step 2: p for every client in ``clients``.
+
+    ``reports``: id → (task, num_examples, measured p); ``clients``: id → (task,
+    num_examples). A client that reported keeps its own p; any other gets the average of
+    the same-task reports weighted by their example counts (equal weights if those are all
+    0). ``fallback`` (choice) when no same-task client reported: ``"all"`` = the weighted
+    average over all reports; ``"raise"`` = ValueError. No reports at all: ValueError.
+    """
+    if not reports:
+        raise ValueError("predict_p: no client reported p in stage 1; nothing to predict from.")
+
+    def mean(rows: list[tuple[str, int, np.ndarray]]) -> np.ndarray:
+        w = np.array([n for _, n, _ in rows], dtype=np.float64)
+        w = np.ones_like(w) if w.sum() <= 0 else w
+        return sum((wk / w.sum()) * np.asarray(p, dtype=np.float64) for wk, (_, _, p) in zip(w, rows, strict=True))
+
+    out: dict[ClientId, np.ndarray] = {}
+    for cid, (task, _) in clients.items():
+        if cid in reports:
+            out[cid] = np.asarray(reports[cid][2], dtype=np.float64)
+            continue
+        same = [r for r in reports.values() if r[0] == task]
+        if not same:
+            if fallback == "raise":
+                raise ValueError(f"predict_p: no client of task {task!r} reported p (client {cid}).")
+            same = list(reports.values())
+        out[cid] = mean(same)
+    return out
+
+
+def initial_expert_sets(
+    state: FedMoEServerState,
+    p: dict[ClientId, np.ndarray],
+    memory: MemoryTable,
+    *,
+    alpha: float = 0.9,
+    tol: float = 1e-4,
+    exclude_unfit: bool = False,
+    reported: Iterable[ClientId] = (),
+    random_init: np.random.Generator | None = None,
+) -> FedMoEServerState:
+    """Stage 1 step 3–4: the initial client-expert map.
+
+    Per client (ascending id): :func:`theta_search` on its p (eq. 3), or, when
+    ``random_init`` is a generator, :func:`random_expert_sets` under the same α·M rule
+    (randomMoE / "w/o stage 1"). A client that cannot fit raises :class:`BudgetError`
+    unless ``exclude_unfit``, in which case it is recorded in ``state.excluded`` with the
+    reason (never silently). ``latest_p`` starts as the stage-1 p.
+    """
+    new = copy.deepcopy(state)
+    new.stage1_reported |= set(reported)
+    for cid in sorted(p):
+        pk = np.asarray(p[cid], dtype=np.float64)
+        if cid not in memory.budgets:
+            raise ValueError(f"initial_expert_sets: no memory budget for client {cid}.")
+        try:
+            if random_init is None:
+                theta, sets = theta_search(
+                    pk, memory.dense_bytes, memory.expert_bytes, memory.budgets[cid], alpha, tol, client_id=cid
+                )
+                new.theta[cid] = theta
+            else:
+                sets = random_expert_sets(
+                    memory.expert_bytes, memory.dense_bytes, memory.budgets[cid], alpha, random_init, client_id=cid
+                )
+        except BudgetError as err:
+            if not exclude_unfit:
+                raise
+            new.excluded[cid] = str(err)
+            continue
+        new.expert_sets[cid] = sets
+        new.stage1_p[cid] = pk
+        new.latest_p[cid] = pk
+        new.stale.setdefault(cid, 0)
+    return new
+
+
+def _record(new: FedMoEServerState, r: ClientResult) -> dict[str, Any] | None:
+    """Store p and score; judge a pending change. Returns the keep/revert event, if any."""
+    cid = r.client_id
+    if cid not in new.expert_sets:
+        why = new.excluded.get(cid, "it has no expert set")
+        raise ValueError(f"after_round: result from client {cid}, which cannot participate: {why}")
+    p = np.asarray(r.p, dtype=np.float64)
+    if p.shape != new.latest_p[cid].shape:
+        raise ValueError(f"after_round: client {cid} sent p of shape {p.shape}, expected {new.latest_p[cid].shape}.")
+    history = new.scores.setdefault(cid, [])
+    improved = not history or r.score > max(history)
+    history.append(float(r.score))
+    new.latest_p[cid] = p
+    new.stale[cid] = 0 if improved else new.stale.get(cid, 0) + 1
+    change = new.pending.pop(cid, None)
+    if change is None:
+        return None
+    if r.score > change.score_before:
+        new.stale[cid] = 0
+        kind = "keep"
+    else:
+        new.expert_sets[cid] = change.previous_set
+        new.frozen.add(cid)
+        kind = "revert_and_freeze"
+    return {"round": new.round, "client_id": cid, "kind": kind, "score": float(r.score),
+            "score_before": change.score_before, "change_round": change.round}
+
+
+def after_round(
+    state: FedMoEServerState,
+    results: Sequence[ClientResult],
+    memory: MemoryTable,
+    *,
+    patience: int = 2,
+    top_k: int = 3,
+    stage2_adjust: bool = True,
+    revert_reference: str = "last",
+) -> tuple[FedMoEServerState, list[dict[str, Any]]]:
+    """Stage 2 step 5 after one round's aggregation; returns ``(new_state, events)``.
+
+    For each sampled client (ascending id): record p and score; a participation
+    *improves* if its score beats the client's best earlier score (the first always does);
+    ``stale`` counts consecutive non-improving participations. A pending exploratory change
+    is judged now: kept if the score beats ``score_before``, else the previous set is
+    restored and the client frozen.
+
+    Then, if ``stage2_adjust``, every sampled client that is not frozen, has no pending
+    change and has ``stale >= patience`` (P, choice, default 2) gets a recommendation
+    (eq. 4–6, :func:`fedmoe.core.recommend.recommend`, its full budget M_k) against the
+    latest p of all other participating clients, with the top-K (``top_k``, choice, default
+    3) counts taken from the client-expert map as it stood before this round's changes
+    (choice: all clients of a round are adjusted simultaneously). A change that alters the
+    set becomes pending with ``score_before`` = this participation's score
+    (``revert_reference="last"``) or the client's best score (``"best"``), both choices.
+    """
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}.")
+    if revert_reference not in ("last", "best"):
+        raise ValueError(f"revert_reference must be 'last' or 'best', got {revert_reference!r}.")
+    new = copy.deepcopy(state)
+    new.round += 1
+    before = copy.deepcopy(state.expert_sets)
+    events: list[dict[str, Any]] = []
+    ordered = sorted(results, key=lambda r: r.client_id)
+    for r in ordered:
+        ev = _record(new, r)
+        if ev is not None:
+            events.append(ev)
+    judged = {e["client_id"] for e in events}
+    for r in ordered if stage2_adjust else []:
+        cid = r.client_id
+        if cid in new.frozen or cid in judged or new.stale[cid] < patience:
+            continue
+        others = {a: pa for a, pa in new.latest_p.items() if a != cid and a in before}
+        if not others:
+            continue
+        top = cosine_top_k(new.latest_p[cid], others, top_k)
+        p_hat = estimate_p_hat(top, others)
+        mean_count = float(np.mean([expert_count(before[a]) for a, _ in top]))
+        new_set, action = recommend(
+            new.expert_sets[cid], p_hat, mean_count, memory.expert_bytes, memory.dense_bytes, memory.budgets[cid]
+        )
+        action = {**action, "similar": top}
+        ev = {"round": new.round, "client_id": cid, "kind": "adjust", **action}
+        if new_set != new.expert_sets[cid]:
+            ref = new.scores[cid][-1] if revert_reference == "last" else max(new.scores[cid])
+            new.pending[cid] = PendingChange(new.expert_sets[cid], ref, new.round, action)
+            new.expert_sets[cid] = new_set
+            new.stale[cid] = 0
+        else:
+            ev["kind"] = "no_change"
+        events.append(ev)
+    new.events.extend(events)
+    return new, events
+
+
+def expert_count_stats(state: FedMoEServerState) -> dict[str, float]:
+    """Mean / min / max expert count over clients (paper's "expert numbers" metric)."""
+    counts = [expert_count(s) for s in state.expert_sets.values()]
+    if not counts:
+        return {"mean": 0.0, "min": 0.0, "max": 0.0}
+    return {"mean": float(np.mean(counts)), "min": float(min(counts)), "max": float(max(counts))}
