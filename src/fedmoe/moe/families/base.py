@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from fedmoe.core.layout import TensorSlice
@@ -89,6 +90,18 @@ class MoEFamily:
     @property
     def fused(self) -> bool:
         return bool(self.fused_expert_tensors)
+
+    def route_choices(self, router_out: Any, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a router's forward output: (chosen expert ids [N, k], probabilities [N, E]).
+
+        Routers of the Mixtral kind return ``(logits, top_k_weights, top_k_index)``.
+        """
+        logits, _, indices = router_out
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        return indices.reshape(logits.shape[0], -1), self.router_probs(logits)
+
+    def router_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1)
 
     # -- per-expert slices (state-dict keys relative to the model) -------------------
     def expert_slices(self, block_path: str, block: nn.Module, j: int) -> list[TensorSlice]:

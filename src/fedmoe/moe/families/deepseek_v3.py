@@ -27,6 +27,10 @@ class DeepseekV3Family(MoEFamily):
             # experts; with one expert kept the routing is trivially that expert.
             block.gate.forward = types.MethodType(_single_expert_route, block.gate)
 
+    def router_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        scores = logits.sigmoid()
+        return scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
+
     def restrict_config(self, config, max_kept: int, top_k: int) -> None:
         super().restrict_config(config, max_kept, top_k)
         config.n_group = 1

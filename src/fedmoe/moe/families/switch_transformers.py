@@ -6,6 +6,7 @@ Sparse layers sit in both the encoder and the decoder; both are MoE layers here.
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fedmoe.moe.families.base import MoEFamily
@@ -18,6 +19,12 @@ class SwitchFamily(MoEFamily):
 
     def top_k(self, block: nn.Module) -> int:
         return 1
+
+    def route_choices(self, router_out, top_k: int):
+        # router_attr is the classifier: its output is the logits; Switch routes top-1
+        # (capacity drops are not counted as a routing decision change).
+        logits = router_out.reshape(-1, router_out.shape[-1]).float()
+        return logits.argmax(-1, keepdim=True), torch.softmax(logits, -1)
 
 
 FAMILY = SwitchFamily(
