@@ -41,6 +41,14 @@ class DataConfig:
     #: fractions of each client's share used for validation and test
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    #: "local" (official files under data_dir) or "hub" (``datasets.load_dataset``)
+    source: str = "local"
+    #: hub names (or local dataset folders) read when source = "hub"
+    hub_tc: str = "ag_news"
+    hub_rc: str = "squad"
+    hub_ts: str = "EdinburghNLP/xsum"
+    #: hub split to read; "" = test for TC/TS, validation for RC (the splits the shared data holds)
+    hub_split: str = ""
 
 
 @dataclass

@@ -1,0 +1,60 @@
+"""``fedmoe data describe CONFIG``: one table row per client of the built federation (ALGORITHMS.md §5).
+
+Columns: client, task, train/val/test sizes, the label (TC) or cluster (RC/TS under a Dirichlet
+partition) histogram of the client's share, and the memory budget when known; then one total
+row per task and a grand total.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from fedmoe.config import ExperimentConfig, load_config
+from fedmoe.data.settings import ClientData, Federation, build_federation
+
+
+def _histogram(client: ClientData) -> str:
+    return " ".join(str(n) for n in client.histogram) if client.histogram else "-"
+
+
+def _budget(client: ClientData) -> str:
+    return "-" if client.budget_bytes is None else f"{client.budget_bytes / 2**30:.2f} GiB"
+
+
+def describe(cfg: ExperimentConfig, federation: Federation | None = None) -> Table:
+    """A rich table of ``federation`` (built from ``cfg`` when not given)."""
+    fed = federation if federation is not None else build_federation(cfg)
+    st = cfg.setting
+    caption = (
+        f"preset {fed.preset}: sampler {fed.sampler_kind} ({fed.sampler.per_round} clients/round), "
+        f"partition {fed.partition_kind}"
+        + (f" (Dirichlet alpha={st.dirichlet_alpha}, {st.num_clusters} clusters for RC/TS)"
+           if fed.partition_kind == "dirichlet" else "")
+        + f", seed {fed.seed}, data {cfg.data.source}:{cfg.data.data_dir if cfg.data.source == 'local' else 'hub'}"
+    )
+    for task, names in fed.group_names.items():
+        kind = "labels" if task == "tc" else "k-means clusters"
+        caption += f"\n{task} histogram = counts of {kind} {', '.join(names)}"
+    table = Table(title=f"Federation: {len(fed.clients)} clients", caption=caption)
+    for name, justify in [("client", "right"), ("task", "left"), ("train", "right"), ("val", "right"),
+                          ("test", "right"), ("histogram", "left"), ("budget", "right")]:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for c in fed.clients:
+        table.add_row(str(c.client_id), c.task, str(len(c.train)), str(len(c.val)), str(len(c.test)),
+                      _histogram(c), _budget(c))
+    table.add_section()
+    for task in fed.tasks:
+        members = fed.clients_of(task)
+        table.add_row(f"{len(members)}", f"{task} ({fed.tasks[task].metric})",
+                      *(str(sum(len(getattr(c, s)) for c in members)) for s in ("train", "val", "test")), "", "")
+    table.add_row(str(len(fed.clients)), "total",
+                  *(str(sum(len(getattr(c, s)) for c in fed.clients)) for s in ("train", "val", "test")), "", "",
+                  style="bold")
+    return table
+
+
+def describe_command(config_path: str | None, overrides: list[str]) -> None:
+    """Load ``config_path`` (None = defaults) with ``overrides`` and print :func:`describe`."""
+    cfg = load_config(config_path, overrides)
+    Console().print(describe(cfg))

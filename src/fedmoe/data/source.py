@@ -1,0 +1,53 @@
+"""Where a task's examples come from: local official files or the hub (``data.source``).
+
+Loaded example lists are cached in-process (keyed by the files' names, sizes and mtimes, or by
+the hub name and split), so building several federations in one process reads each file once.
+``data.max_examples_per_task`` keeps a seeded random subset, in file order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedmoe.config import DataConfig
+from fedmoe.data.examples import Example
+from fedmoe.data.hub import DEFAULT_SPLITS, load_hub
+from fedmoe.data.loaders import load_local, task_dir
+from fedmoe.data.partition import rng_for
+from fedmoe.errors import ConfigError
+
+_CACHE: dict[tuple[object, ...], tuple[Example, ...]] = {}
+
+
+def _signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file())
+
+
+def load_examples(data: DataConfig, task: str) -> list[Example]:
+    """All examples of ``task`` (``tc``/``rc``/``ts``) from the configured source."""
+    if data.source == "local":
+        folder = task_dir(data.data_dir, task)
+        key: tuple[object, ...] = ("local", task, str(folder), _signature(folder))
+    elif data.source == "hub":
+        name = {"tc": data.hub_tc, "rc": data.hub_rc, "ts": data.hub_ts}[task]
+        split = data.hub_split or DEFAULT_SPLITS[task]
+        p = Path(name).expanduser()
+        stamp = _signature(p) if p.is_dir() else ()
+        key = ("hub", task, name, split, stamp)
+    else:
+        raise ConfigError(f"data.source={data.source!r} is not a data source.", 'use "local" or "hub".')
+    if key not in _CACHE:
+        loaded = load_local(data.data_dir, task) if key[0] == "local" else load_hub(task, str(key[2]), str(key[3]))
+        _CACHE[key] = tuple(loaded)
+    return list(_CACHE[key])
+
+
+def cap_examples(examples: Sequence[Example], max_examples: int, seed: int, task: str) -> list[Example]:
+    """A seeded subset of at most ``max_examples`` (0 = all), kept in the original order."""
+    if max_examples < 0:
+        raise ConfigError(f"data.max_examples_per_task={max_examples} must be >= 0.", "use 0 for all examples.")
+    if max_examples == 0 or len(examples) <= max_examples:
+        return list(examples)
+    keep = sorted(rng_for(seed, "cap", task).choice(len(examples), size=max_examples, replace=False).tolist())
+    return [examples[i] for i in keep]
