@@ -165,8 +165,9 @@ def _record(new: FedMoEServerState, r: ClientResult) -> dict[str, Any] | None:
         why = new.excluded.get(cid, "it has no expert set")
         raise ValueError(f"after_round: result from client {cid}, which cannot participate: {why}")
     p = np.asarray(r.p, dtype=np.float64)
-    if p.shape != new.latest_p[cid].shape:
-        raise ValueError(f"after_round: client {cid} sent p of shape {p.shape}, expected {new.latest_p[cid].shape}.")
+    want = new.latest_p[cid].shape if cid in new.latest_p else (len(new.expert_sets[cid]), -1)
+    if p.ndim != 2 or p.shape[0] != want[0] or want[1] not in (-1, p.shape[1]):
+        raise ValueError(f"after_round: client {cid} sent p of shape {p.shape}, expected {want}.")
     history = new.scores.setdefault(cid, [])
     improved = not history or r.score > max(history)
     history.append(float(r.score))

@@ -75,7 +75,7 @@ def weighted_mean(
     ws = normalised_weights(weights, f"{what} weights")
     if len(tensors) == 1:
         return first.to(device=device, dtype=dtype, copy=True)
-    if not (first.is_floating_point() or first.is_complex()):
+    if not first.is_floating_point():
         for t in tensors[1:]:
             if not torch.equal(t.detach().to(first.device), first):
                 raise ValueError(f"{what}: non-floating tensors ({first.dtype}) differ between clients; cannot average.")

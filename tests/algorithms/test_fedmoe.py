@@ -1,0 +1,175 @@
+"""FedMoE server verbs: stage-1 prediction/search and stage-2 recommendation bookkeeping."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+
+from fedmoe.algorithms import ALGORITHMS, get_algorithm
+from fedmoe.algorithms.fedmoe import (
+    ClientResult,
+    FedMoEServerState,
+    MemoryTable,
+    after_round,
+    expert_count_stats,
+    initial_expert_sets,
+    predict_p,
+)
+from fedmoe.errors import BudgetError, ConfigError
+
+PA = np.array([[0.4, 0.6], [1.0, 0.0]])
+PB = np.array([[0.8, 0.2], [0.0, 1.0]])
+PC = np.array([[0.0, 1.0], [0.5, 0.5]])
+
+
+def test_registry() -> None:
+    assert ALGORITHMS["fedmoe"] == "fedmoe.algorithms.fedmoe"
+    assert get_algorithm("fedmoe").after_round is after_round
+    with pytest.raises(ConfigError, match="not implemented"):
+        get_algorithm("scaffold")
+    with pytest.raises(ConfigError, match="did you mean `fedmoe`"):
+        get_algorithm("fedmo")
+
+
+def test_predict_p_same_task_weighted_and_fallback() -> None:
+    reports = {0: ("tc", 10, PA), 1: ("tc", 30, PB), 2: ("rc", 5, PC)}
+    clients = {0: ("tc", 10), 3: ("tc", 7), 4: ("ts", 9), 5: ("rc", 1)}
+    out = predict_p(reports, clients)
+    assert set(out) == {0, 3, 4, 5}
+    np.testing.assert_array_equal(out[0], PA)  # reporters keep their own p
+    np.testing.assert_allclose(out[3], (10 * PA + 30 * PB) / 40, atol=1e-15)  # [[0.7,0.3],[0.25,0.75]]
+    np.testing.assert_allclose(out[3], [[0.7, 0.3], [0.25, 0.75]], atol=1e-15)
+    np.testing.assert_allclose(out[4], (10 * PA + 30 * PB + 5 * PC) / 45, atol=1e-15)  # no "ts" report
+    np.testing.assert_array_equal(out[5], PC)
+    with pytest.raises(ValueError, match="task 'ts'"):
+        predict_p(reports, clients, fallback="raise")
+    with pytest.raises(ValueError, match="no client reported"):
+        predict_p({}, clients)
+
+
+P0 = np.array([[0.5, 0.3, 0.2, 0.0], [0.1, 0.6, 0.3, 0.0]])
+
+
+def test_initial_expert_sets_theta_search_and_exclusion() -> None:
+    mem = MemoryTable(100.0, np.full((2, 4), 10.0), {0: 280.0, 1: 100.0, 2: 1e9})
+    p = {0: P0, 1: P0, 2: P0}
+    with pytest.raises(BudgetError, match="Client 1"):
+        initial_expert_sets(FedMoEServerState(), p, mem, alpha=0.5)
+    st = initial_expert_sets(FedMoEServerState(), p, mem, alpha=0.5, exclude_unfit=True, reported=[2])
+    assert st.expert_sets == {0: [[0, 1], [1, 2]], 2: [[0, 1, 2], [0, 1, 2]]}
+    assert 0.8 - 1e-4 <= st.theta[0] <= 0.8 + 1e-9 and st.theta[2] == 1.0  # layer 0: .5+.3, layer 1: .6+.3
+    assert set(st.excluded) == {1} and "Client 1" in st.excluded[1]
+    assert st.stage1_reported == {2}
+    np.testing.assert_array_equal(st.latest_p[0], P0)
+    rnd = initial_expert_sets(FedMoEServerState(), {0: P0}, mem, alpha=0.5, random_init=np.random.default_rng(1))
+    assert sum(map(len, rnd.expert_sets[0])) == 4  # cap 140 = 100 + 4 experts of 10
+    assert rnd.theta == {}
+
+
+# -- stage 2 -------------------------------------------------------------------------
+
+ONE = np.array([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+P1 = np.array([[0.6, 0.4, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0]])
+P2 = np.array([[0.5, 0.0, 0.5, 0.0], [0.5, 0.5, 0.0, 0.0]])
+P3 = np.array([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def stage2_state() -> tuple[FedMoEServerState, MemoryTable]:
+    st = FedMoEServerState(
+        expert_sets={0: [[0], [0]], 1: [[0, 1], [0, 2]], 2: [[0, 2], [0, 1]], 3: [[3], [3]]},
+        latest_p={0: ONE, 1: P1, 2: P2, 3: P3},
+    )
+    mem = MemoryTable(100.0, np.full((2, 4), 10.0), {0: 200.0, 1: 1e9, 2: 1e9, 3: 1e9})
+    return st, mem
+
+
+def run(st: FedMoEServerState, mem: MemoryTable, scores: list[float], **kw: object) -> tuple[FedMoEServerState, list]:
+    events: list = []
+    for s in scores:
+        st, ev = after_round(st, [ClientResult(0, 10, s, ONE)], mem, patience=2, top_k=2, **kw)
+        events.extend(ev)
+    return st, events
+
+
+def test_recommendation_picks_what_eq6_says() -> None:
+    st, mem = stage2_state()
+    st, events = run(st, mem, [0.5, 0.4, 0.4])  # improve, stale 1, stale 2 → recommend
+    (ev,) = events
+    s1, s2 = 1.1 / math.sqrt(2 * 1.02), 1 / math.sqrt(2)  # eq. 4 vs clients 1 and 2 (client 3: 0)
+    assert [c for c, _ in ev["similar"]] == [1, 2]
+    assert [s for _, s in ev["similar"]] == pytest.approx([s1, s2], abs=1e-12)
+    # n = mean(4, 4) − 2 = 2; eq. 6 for experts not held: (1,2) = .5·s1/S > (0,2) = .5·s2/S = (1,1) → tie, lower first
+    assert ev["kind"] == "adjust" and ev["n"] == 2 and ev["added"] == [(1, 2), (0, 2)]
+    assert st.expert_sets[0] == [[0, 2], [0, 2]]
+    assert st.pending[0].previous_set == [[0], [0]] and st.pending[0].score_before == 0.4
+    assert st.scores[0] == [0.5, 0.4, 0.4] and st.round == 3
+
+
+def test_improving_change_is_kept() -> None:
+    st, mem = stage2_state()
+    st, _ = run(st, mem, [0.5, 0.4, 0.4])
+    st, events = run(st, mem, [0.45])
+    assert events[0]["kind"] == "keep" and st.expert_sets[0] == [[0, 2], [0, 2]]
+    assert 0 not in st.frozen and 0 not in st.pending and st.stale[0] == 0
+
+
+def test_non_improving_change_reverts_and_freezes() -> None:
+    st, mem = stage2_state()
+    st, _ = run(st, mem, [0.5, 0.4, 0.4])
+    st, events = run(st, mem, [0.4])
+    assert events[0]["kind"] == "revert_and_freeze"
+    assert st.expert_sets[0] == [[0], [0]] and 0 in st.frozen
+    st, events = run(st, mem, [0.1, 0.1, 0.1])  # frozen: never adjusted again
+    assert events == [] and st.expert_sets[0] == [[0], [0]]
+
+
+def test_best_reference_reverts_when_below_best() -> None:
+    st, mem = stage2_state()
+    st, _ = run(st, mem, [0.5, 0.4, 0.4], revert_reference="best")
+    assert st.pending[0].score_before == 0.5
+    st, events = run(st, mem, [0.45], revert_reference="best")
+    assert events[0]["kind"] == "revert_and_freeze"
+
+
+def test_recommendation_respects_budget() -> None:
+    st, mem = stage2_state()
+    mem.budgets[0] = 130.0  # 120 used: room for one expert of 10
+    st, events = run(st, mem, [0.5, 0.4, 0.4])
+    assert events[0]["added"] == [(1, 2)] and st.expert_sets[0] == [[0], [0, 2]]
+    mem.budgets[0] = 120.0
+    st2, _ = stage2_state()
+    st2, events = run(st2, mem, [0.5, 0.4, 0.4])
+    assert events[0]["kind"] == "no_change" and 0 not in st2.pending
+
+
+def test_stage2_adjust_off_and_patience() -> None:
+    st, mem = stage2_state()
+    out, events = run(st, mem, [0.5, 0.4, 0.4, 0.4], stage2_adjust=False)
+    assert events == [] and out.expert_sets[0] == [[0], [0]] and out.stale[0] == 3
+    out, events = run(st, mem, [0.5, 0.4])  # stale 1 < P = 2
+    assert events == []
+
+
+def test_verbs_do_not_mutate_input() -> None:
+    st, mem = stage2_state()
+    st, _ = run(st, mem, [0.5, 0.4])
+    snapshot = copy.deepcopy(st)
+    after_round(st, [ClientResult(0, 10, 0.4, ONE)], mem, patience=2, top_k=2)
+    assert st.expert_sets == snapshot.expert_sets and st.scores == snapshot.scores and st.pending == {}
+    assert st.round == snapshot.round
+
+
+def test_bad_results_raise() -> None:
+    st, mem = stage2_state()
+    with pytest.raises(ValueError, match="client 9"):
+        after_round(st, [ClientResult(9, 1, 0.1, ONE)], mem)
+    with pytest.raises(ValueError, match="shape"):
+        after_round(st, [ClientResult(0, 1, 0.1, np.ones(3))], mem)
+
+
+def test_expert_count_stats() -> None:
+    st, _ = stage2_state()
+    assert expert_count_stats(st) == {"mean": 3.0, "min": 2.0, "max": 4.0}
