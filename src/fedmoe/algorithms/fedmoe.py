@@ -208,7 +208,8 @@ def after_round(
     Then, if ``stage2_adjust``, every sampled client that is not frozen, has no pending
     change and has ``stale >= patience`` (P, choice, default 2) gets a recommendation
     (eq. 4–6, :func:`fedmoe.core.recommend.recommend`, its full budget M_k) against the
-    latest p of all other participating clients, with the top-K (``top_k``, choice, default
+    latest p of every other client in the client-expert map (its stage-1 p until it has
+    taken part in stage 2), with the top-K (``top_k``, choice, default
     3) counts taken from the client-expert map as it stood before this round's changes
     (choice: all clients of a round are adjusted simultaneously). A change that alters the
     set becomes pending with ``score_before`` = this participation's score
