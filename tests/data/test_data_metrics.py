@@ -1,0 +1,95 @@
+"""Metrics (ALGORITHMS.md §6) with hand-computed values, and the task adapters."""
+
+from __future__ import annotations
+
+import pytest
+from rouge_score import rouge_scorer
+
+from fedmoe.data.examples import RCExample, TCExample, TSExample
+from fedmoe.data.metrics import accuracy, exact_match, normalize_answer, rouge_scores, squad_scores, token_f1
+from fedmoe.data.tasks import RCTask, TCTask, TSTask, get_task, label_names_of
+from fedmoe.errors import ConfigError
+
+
+def test_normalize_answer_official_rules() -> None:
+    assert normalize_answer("  The Cat, an  a-b   sat!") == "cat ab sat"
+    assert normalize_answer("Theater") == "theater"  # articles only as whole words
+
+
+@pytest.mark.parametrize(
+    ("pred", "truth", "em", "f1"),
+    [
+        ("the cat sat on the mat", "a cat sat on mat", 1.0, 1.0),
+        ("Denver Broncos", "Broncos", 0.0, 2 / 3),  # P=1/2, R=1
+        ("in the year 1995", "1995", 0.0, 0.5),  # P=1/3, R=1
+        ("in the year 1995", "year 1995", 0.0, 0.8),  # P=2/3, R=1
+        ("x y y", "y y z", 0.0, 2 / 3),  # overlap counts y twice: P=R=2/3
+        ("Paris!", "paris", 1.0, 1.0),
+        ("", "anything", 0.0, 0.0),
+    ],
+)
+def test_squad_em_f1_pairs(pred: str, truth: str, em: float, f1: float) -> None:
+    assert exact_match(pred, truth) == em
+    assert token_f1(pred, truth) == pytest.approx(f1, abs=1e-12)
+
+
+def test_squad_scores_max_over_truths_then_mean() -> None:
+    got = squad_scores(["in the year 1995", "Denver Broncos"], [["1995", "year 1995"], ["Broncos", "Denver Broncos"]])
+    assert got["f1"] == pytest.approx((0.8 + 1.0) / 2, abs=1e-12)
+    assert got["em"] == 0.5
+
+
+def test_rouge_hand_values_and_matches_rouge_score() -> None:
+    got = rouge_scores(["the cat sat"], ["the cat sat down"])
+    assert got["rouge1"] == pytest.approx(6 / 7, abs=1e-12)  # P=1, R=3/4
+    assert got["rouge2"] == pytest.approx(0.8, abs=1e-12)  # P=1, R=2/3
+    preds = ["Police arrested two men running in the park.", "Shares fell sharply.", ""]
+    refs = ["Two men were arrested by police after a run.", "The shares rose.", "Empty prediction."]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    direct = [scorer.score(r, p) for p, r in zip(preds, refs, strict=True)]
+    mine = rouge_scores(preds, refs)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert mine[key] == sum(d[key].fmeasure for d in direct) / 3
+
+
+def test_accuracy_and_length_checks() -> None:
+    assert accuracy([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+    with pytest.raises(ValueError):
+        accuracy([1], [1, 2])
+    with pytest.raises(ValueError):
+        rouge_scores([], [])
+
+
+def test_tc_task() -> None:
+    task = TCTask()
+    ex = TCExample("agnews-test-0", "Stocks rally", "Markets rose.", 2, "Business")
+    assert task.to_text2text(ex) == ("Classify the topic: Stocks rally Markets rose.", "Business")
+    assert task.to_classification(ex) == ("Stocks rally Markets rose.", 2)
+    assert task.parse_label(" sci/tech ") == 3 and task.parse_label("Sports news") == 1 and task.parse_label("?") == -1
+    assert task.score(["Business", "world", 1, "nonsense"], [2, 0, 2, 3]) == {"accuracy": 0.5}
+    assert (task.name, task.metric) == ("tc", "accuracy")
+    with pytest.raises(TypeError):
+        task.to_text2text(TSExample("1", "d", "s"))
+
+
+def test_rc_task() -> None:
+    task = RCTask()
+    ex = RCExample("q1", "P", "Paris is in France.", "Where is Paris?", ("France", "in France"), (12, 9))
+    assert task.to_text2text(ex) == ("question: Where is Paris? context: Paris is in France.", "France")
+    assert task.to_span(ex) == ("Where is Paris?", "Paris is in France.", 12, "France")
+    assert ex.context[12 : 12 + len("France")] == "France"
+    assert task.score(["in France"], [task.reference(ex)]) == {"f1": 1.0, "em": 1.0}
+    assert (task.metric, task.metrics) == ("f1", ("f1", "em"))
+
+
+def test_ts_task_and_registry() -> None:
+    task = TSTask()
+    ex = TSExample("1", "Long text.", "Short.")
+    assert task.to_text2text(ex) == ("summarize: Long text.", "Short.")
+    assert task.score(["Short."], [task.reference(ex)]) == {"rouge1": 1.0, "rouge2": 0.0, "rougeL": 1.0}
+    assert task.metric == "rouge2"
+    assert get_task("tc", ["A", "B"]).label_names == ("A", "B")
+    assert isinstance(get_task("rc"), RCTask)
+    with pytest.raises(ConfigError):
+        get_task("qa")
+    assert label_names_of([TCExample("a", "", "x", 1, "Sport")]) == ("World", "Sport", "Business", "Sci/Tech")
