@@ -16,13 +16,31 @@ from fedmoe.errors import DataError
 
 SQUAD = {
     "version": "1.1",
-    "data": [{"title": "Paris", "paragraphs": [{
-        "context": "Paris is the capital of France.",
-        "qas": [
-            {"id": "q1", "question": "What is Paris?", "answers": [
-                {"text": "the capital of France", "answer_start": 9}, {"text": "capital", "answer_start": 13}]},
-            {"id": "q2", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 24}]},
-        ]}]}],
+    "data": [
+        {
+            "title": "Paris",
+            "paragraphs": [
+                {
+                    "context": "Paris is the capital of France.",
+                    "qas": [
+                        {
+                            "id": "q1",
+                            "question": "What is Paris?",
+                            "answers": [
+                                {"text": "the capital of France", "answer_start": 9},
+                                {"text": "capital", "answer_start": 13},
+                            ],
+                        },
+                        {
+                            "id": "q2",
+                            "question": "Where is Paris?",
+                            "answers": [{"text": "France", "answer_start": 24}],
+                        },
+                    ],
+                }
+            ],
+        }
+    ],
 }
 
 
@@ -65,8 +83,14 @@ def test_malformed_csv_names_file_and_line(tmp_path: Path, content: str, line: i
 def test_squad_reads_all_answers(tmp_path: Path) -> None:
     write(tmp_path / "dev-v1.1.json", json.dumps(SQUAD))
     got = load_squad(tmp_path)
-    assert got[0] == RCExample("q1", "Paris", "Paris is the capital of France.", "What is Paris?",
-                               ("the capital of France", "capital"), (9, 13))
+    assert got[0] == RCExample(
+        "q1",
+        "Paris",
+        "Paris is the capital of France.",
+        "What is Paris?",
+        ("the capital of France", "capital"),
+        (9, 13),
+    )
     assert [ex.id for ex in got] == ["q1", "q2"]
 
 
@@ -82,18 +106,25 @@ def test_malformed_squad_record_names_record(tmp_path: Path) -> None:
     path = write(tmp_path / "dev.json", json.dumps(bad))
     with pytest.raises(DataError) as err:
         load_squad(tmp_path)
-    assert err.value.what.startswith(f"{path}: record data[0].paragraphs[0].qas[1].answers[0]: expected key `answer_start`")
+    assert err.value.what.startswith(
+        f"{path}: record data[0].paragraphs[0].qas[1].answers[0]: expected key `answer_start`"
+    )
 
 
 def test_xsum_jsonl_and_bad_line(tmp_path: Path) -> None:
-    rows = [{"id": 7, "document": "Doc one.", "summary": "One."}, {"id": "b", "document": "Two", "summary": "2"}]
+    rows = [
+        {"id": 7, "document": "Doc one.", "summary": "One."},
+        {"id": "b", "document": "Two", "summary": "2"},
+    ]
     write(tmp_path / "xsum.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
     assert load_xsum(tmp_path) == [TSExample("7", "Doc one.", "One."), TSExample("b", "Two", "2")]
     path = write(tmp_path / "xsum.jsonl", json.dumps(rows[0]) + "\n{not json\n")
     with pytest.raises(DataError, match=f"{path}:2: not valid JSON"):
         load_xsum(tmp_path)
     write(tmp_path / "xsum.jsonl", json.dumps(rows[0]) + '\n{"id": "x", "document": "d"}\n')
-    with pytest.raises(DataError, match=f'{path}:2: expected an object with string "id", "document" and "summary"'):
+    with pytest.raises(
+        DataError, match=f'{path}:2: expected an object with string "id", "document" and "summary"'
+    ):
         load_xsum(tmp_path)
 
 
@@ -115,18 +146,31 @@ def test_missing_data_dir_says_where_and_how(tmp_path: Path) -> None:
 def test_hub_path_reads_saved_and_raw_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    feats = datasets.Features({"text": datasets.Value("string"),
-                               "label": datasets.ClassLabel(names=["World", "Sports", "Business", "Sci/Tech"])})
+    feats = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["World", "Sports", "Business", "Sci/Tech"]),
+        }
+    )
     ag = datasets.Dataset.from_dict({"text": ["Market up", "Goal!"], "label": [2, 1]}, features=feats)
     datasets.DatasetDict({"test": ag}).save_to_disk(str(tmp_path / "ag"))
     assert load_hub("tc", str(tmp_path / "ag")) == [
-        TCExample("agnews-test-0", "", "Market up", 2, "Business"), TCExample("agnews-test-1", "", "Goal!", 1, "Sports")]
-    rec = {"id": "q1", "title": "P", "context": "Paris is in France.", "question": "Where?",
-           "answers": {"text": ["France"], "answer_start": [12]}}
+        TCExample("agnews-test-0", "", "Market up", 2, "Business"),
+        TCExample("agnews-test-1", "", "Goal!", 1, "Sports"),
+    ]
+    rec = {
+        "id": "q1",
+        "title": "P",
+        "context": "Paris is in France.",
+        "question": "Where?",
+        "answers": {"text": ["France"], "answer_start": [12]},
+    }
     write(tmp_path / "sq" / "validation.jsonl", json.dumps(rec) + "\n")
     write(tmp_path / "xs" / "test.jsonl", json.dumps({"id": "9", "document": "D", "summary": "S"}) + "\n")
     cfg = DataConfig(source="hub", hub_rc=str(tmp_path / "sq"), hub_ts=str(tmp_path / "xs"))
-    assert load_examples(cfg, "rc") == [RCExample("q1", "P", "Paris is in France.", "Where?", ("France",), (12,))]
+    assert load_examples(cfg, "rc") == [
+        RCExample("q1", "P", "Paris is in France.", "Where?", ("France",), (12,))
+    ]
     assert load_examples(cfg, "ts") == [TSExample("9", "D", "S")]
     with pytest.raises(DataError, match="no split `train`"):
         load_hub("tc", str(tmp_path / "ag"), "train")
@@ -146,4 +190,9 @@ def test_real_files_load(real_data: Path) -> None:
     rc = load_squad(real_data / "squad")
     ts = load_xsum(real_data / "xsum")
     assert (len(tc), len(rc), len(ts)) == (6581, 8807, 2410)
-    assert tc[17].id == "agnews-test-17" and {e.label_name for e in tc} == {"World", "Sports", "Business", "Sci/Tech"}
+    assert tc[17].id == "agnews-test-17" and {e.label_name for e in tc} == {
+        "World",
+        "Sports",
+        "Business",
+        "Sci/Tech",
+    }

@@ -34,7 +34,9 @@ def test_squad_em_f1_pairs(pred: str, truth: str, em: float, f1: float) -> None:
 
 
 def test_squad_scores_max_over_truths_then_mean() -> None:
-    got = squad_scores(["in the year 1995", "Denver Broncos"], [["1995", "year 1995"], ["Broncos", "Denver Broncos"]])
+    got = squad_scores(
+        ["in the year 1995", "Denver Broncos"], [["1995", "year 1995"], ["Broncos", "Denver Broncos"]]
+    )
     assert got["f1"] == pytest.approx((0.8 + 1.0) / 2, abs=1e-12)
     assert got["em"] == 0.5
 
@@ -65,7 +67,11 @@ def test_tc_task() -> None:
     ex = TCExample("agnews-test-0", "Stocks rally", "Markets rose.", 2, "Business")
     assert task.to_text2text(ex) == ("Classify the topic: Stocks rally Markets rose.", "Business")
     assert task.to_classification(ex) == ("Stocks rally Markets rose.", 2)
-    assert task.parse_label(" sci/tech ") == 3 and task.parse_label("Sports news") == 1 and task.parse_label("?") == -1
+    assert (
+        task.parse_label(" sci/tech ") == 3
+        and task.parse_label("Sports news") == 1
+        and task.parse_label("?") == -1
+    )
     assert task.score(["Business", "world", 1, "nonsense"], [2, 0, 2, 3]) == {"accuracy": 0.5}
     assert (task.name, task.metric) == ("tc", "accuracy")
     with pytest.raises(TypeError):

@@ -36,8 +36,13 @@ def test_iid_partition_is_an_exact_cover() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31), alpha=st.sampled_from([0.05, 0.5, 5.0]), n=st.integers(60, 400),
-       clients=st.integers(2, 10), groups=st.integers(1, 6))
+@given(
+    seed=st.integers(0, 2**31),
+    alpha=st.sampled_from([0.05, 0.5, 5.0]),
+    n=st.integers(60, 400),
+    clients=st.integers(2, 10),
+    groups=st.integers(1, 6),
+)
 def test_dirichlet_cover_and_minimum(seed: int, alpha: float, n: int, clients: int, groups: int) -> None:
     labels = rng_for(seed, "labels").integers(groups, size=n)
     parts = dirichlet_partition(labels, clients, alpha, rng_for(seed, "d"), min_size=6)

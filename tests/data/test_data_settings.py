@@ -35,7 +35,9 @@ def test_preset_deterministic_per_seed(preset: str, feds: dict[str, Federation],
     again = build_federation(real_config(real_data, f"setting.preset={preset!r}"))
     assert again.fingerprints() == fed.fingerprints()
     other = build_federation(real_config(real_data, f"setting.preset={preset!r}", "seed=1"))
-    differ = sum(a != b for a, b in zip(fed.fingerprints().values(), other.fingerprints().values(), strict=True))
+    differ = sum(
+        a != b for a, b in zip(fed.fingerprints().values(), other.fingerprints().values(), strict=True)
+    )
     assert differ >= 27
     for c in fed.clients:
         assert min(len(c.train), len(c.val), len(c.test)) >= 2
@@ -89,9 +91,14 @@ def test_sampler_errors() -> None:
 
 
 def test_overrides_and_bad_presets() -> None:
-    assert resolve_setting(load_config(None, ["setting.preset='enforced-hetero-t'"]).setting) == ("enforced", "iid")
-    cfg = load_config(None, ["setting.preset='enforced-hetero-t'", "setting.sampler='uniform'",
-                             "setting.partition='dirichlet'"])
+    assert resolve_setting(load_config(None, ["setting.preset='enforced-hetero-t'"]).setting) == (
+        "enforced",
+        "iid",
+    )
+    cfg = load_config(
+        None,
+        ["setting.preset='enforced-hetero-t'", "setting.sampler='uniform'", "setting.partition='dirichlet'"],
+    )
     assert resolve_setting(cfg.setting) == ("uniform", "dirichlet")
     with pytest.raises(ConfigError, match="did you mean `standard-hetero-td`"):
         resolve_setting(load_config(None, ["setting.preset='standard-hetero-tdd'"]).setting)
@@ -100,32 +107,54 @@ def test_overrides_and_bad_presets() -> None:
 
 
 def test_enforced_with_two_tasks_fails(real_data: Path) -> None:
-    cfg = real_config(real_data, "setting.preset='enforced-hetero-t'", 'data.tasks=["tc", "ts"]',
-                      "data.max_examples_per_task=200")
+    cfg = real_config(
+        real_data,
+        "setting.preset='enforced-hetero-t'",
+        'data.tasks=["tc", "ts"]',
+        "data.max_examples_per_task=200",
+    )
     with pytest.raises(ConfigError, match="3 different task types"):
         build_federation(cfg)
 
 
 def test_small_cap_and_too_small(real_data: Path) -> None:
-    fed = build_federation(real_config(real_data, "setting.preset='standard-hetero-td'",
-                                       "data.max_examples_per_task=120"))
+    fed = build_federation(
+        real_config(real_data, "setting.preset='standard-hetero-td'", "data.max_examples_per_task=120")
+    )
     assert [sum(c.num_examples for c in fed.clients_of(t)) for t in ("tc", "rc", "ts")] == [120, 120, 120]
     assert all(min(len(c.train), len(c.val), len(c.test)) >= 2 for c in fed.clients)
     with pytest.raises(DataError, match="fewer than 6 for each of its 10 clients"):
         build_federation(real_config(real_data, "data.max_examples_per_task=50"))
 
 
-def test_describe_table(feds: dict[str, Federation], real_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_describe_table(
+    feds: dict[str, Federation], real_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = real_config(real_data, "setting.preset='enforced-hetero-td'")
-    table = describe(cfg, feds["enforced-hetero-td"])
+    fed = feds["enforced-hetero-td"]
+    budgets = fed.assign_budgets(10 * 2**30, 0.45, 0.75)
+    assert [c.budget_bytes for c in fed.clients] == budgets
+    assert all(0.45 * 10 * 2**30 <= b <= 0.75 * 10 * 2**30 for b in budgets)
+    table = describe(cfg, fed)
     assert table.row_count == 30 + 3 + 1
+    assert any("GiB" in str(cell) for cell in table.columns[-1].cells)
     describe_command(None, [f"data.data_dir={str(real_data)!r}", "data.max_examples_per_task=200"])
     out = capsys.readouterr().out
-    assert "Federation: 30 clients" in out and "total" in out and "World, Sports, Business, Sci/Tech" in out
+    assert (
+        "Federation: 30 clients" in out
+        and "total" in out
+        and "GiB" not in out
+        and "World, Sports, Business, Sci/Tech" in out
+    )
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_describe_each_preset_within_30s(preset: str, real_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+# cold caches: TD presets re-embed and cluster SQuAD and XSum (~5-10 s on 2 CPU cores) -> slow
+@pytest.mark.parametrize(
+    "preset", [pytest.param(p, marks=pytest.mark.slow) if p.endswith("-td") else p for p in PRESETS]
+)
+def test_describe_each_preset_within_30s(
+    preset: str, real_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     clear_caches()
     start = time.perf_counter()
     describe_command(None, [f"data.data_dir={str(real_data)!r}", f"setting.preset={preset!r}"])

@@ -29,28 +29,55 @@ def describe(cfg: ExperimentConfig, federation: Federation | None = None) -> Tab
     caption = (
         f"preset {fed.preset}: sampler {fed.sampler_kind} ({fed.sampler.per_round} clients/round), "
         f"partition {fed.partition_kind}"
-        + (f" (Dirichlet alpha={st.dirichlet_alpha}, {st.num_clusters} clusters for RC/TS)"
-           if fed.partition_kind == "dirichlet" else "")
+        + (
+            f" (Dirichlet alpha={st.dirichlet_alpha}, {st.num_clusters} clusters for RC/TS)"
+            if fed.partition_kind == "dirichlet"
+            else ""
+        )
         + f", seed {fed.seed}, data {cfg.data.source}:{cfg.data.data_dir if cfg.data.source == 'local' else 'hub'}"
     )
     for task, names in fed.group_names.items():
         kind = "labels" if task == "tc" else "k-means clusters"
         caption += f"\n{task} histogram = counts of {kind} {', '.join(names)}"
     table = Table(title=f"Federation: {len(fed.clients)} clients", caption=caption)
-    for name, justify in [("client", "right"), ("task", "left"), ("train", "right"), ("val", "right"),
-                          ("test", "right"), ("histogram", "left"), ("budget", "right")]:
+    for name, justify in [
+        ("client", "right"),
+        ("task", "left"),
+        ("train", "right"),
+        ("val", "right"),
+        ("test", "right"),
+        ("histogram", "left"),
+        ("budget", "right"),
+    ]:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for c in fed.clients:
-        table.add_row(str(c.client_id), c.task, str(len(c.train)), str(len(c.val)), str(len(c.test)),
-                      _histogram(c), _budget(c))
+        table.add_row(
+            str(c.client_id),
+            c.task,
+            str(len(c.train)),
+            str(len(c.val)),
+            str(len(c.test)),
+            _histogram(c),
+            _budget(c),
+        )
     table.add_section()
     for task in fed.tasks:
         members = fed.clients_of(task)
-        table.add_row(f"{len(members)}", f"{task} ({fed.tasks[task].metric})",
-                      *(str(sum(len(getattr(c, s)) for c in members)) for s in ("train", "val", "test")), "", "")
-    table.add_row(str(len(fed.clients)), "total",
-                  *(str(sum(len(getattr(c, s)) for c in fed.clients)) for s in ("train", "val", "test")), "", "",
-                  style="bold")
+        table.add_row(
+            f"{len(members)}",
+            f"{task} ({fed.tasks[task].metric})",
+            *(str(sum(len(getattr(c, s)) for c in members)) for s in ("train", "val", "test")),
+            "",
+            "",
+        )
+    table.add_row(
+        str(len(fed.clients)),
+        "total",
+        *(str(sum(len(getattr(c, s)) for c in fed.clients)) for s in ("train", "val", "test")),
+        "",
+        "",
+        style="bold",
+    )
     return table
 
 

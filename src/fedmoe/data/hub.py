@@ -31,8 +31,10 @@ def open_hub_dataset(name: str, split: str) -> Any:
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise DataError(f"Dataset folder {p} has no split `{split}` (has {sorted(ds)}).",
-                                    "set data.hub_split to one of those.")
+                    raise DataError(
+                        f"Dataset folder {p} has no split `{split}` (has {sorted(ds)}).",
+                        "set data.hub_split to one of those.",
+                    )
                 ds = ds[split]
             return ds
         return datasets.load_dataset(str(p) if p.is_dir() else name, split=split)
@@ -48,8 +50,10 @@ def open_hub_dataset(name: str, split: str) -> Any:
 
 def _need(rec: Mapping[str, Any], key: str, name: str, i: int) -> Any:
     if key not in rec or rec[key] is None:
-        raise DataError(f"Hub data set `{name}` record {i}: missing field `{key}`.",
-                        f"the data set must have the columns of the official `{name}` data set.")
+        raise DataError(
+            f"Hub data set `{name}` record {i}: missing field `{key}`.",
+            f"the data set must have the columns of the official `{name}` data set.",
+        )
     return rec[key]
 
 
@@ -59,17 +63,24 @@ def _label_names(ds: Any) -> tuple[str, ...]:
     return tuple(names) if names else AG_NEWS_CLASSES
 
 
-def ag_news_from_records(records: Iterable[Mapping[str, Any]], name: str, split: str,
-                         classes: tuple[str, ...] = AG_NEWS_CLASSES) -> list[TCExample]:
+def ag_news_from_records(
+    records: Iterable[Mapping[str, Any]], name: str, split: str, classes: tuple[str, ...] = AG_NEWS_CLASSES
+) -> list[TCExample]:
     """Hub ``ag_news`` rows (``text``, 0-based ``label``) to examples ``agnews-<split>-<row>``."""
     out = []
     for i, rec in enumerate(records):
         label = _need(rec, "label", name, i)
         if not isinstance(label, int) or not 0 <= label < len(classes):
-            raise DataError(f"Hub data set `{name}` record {i}: label {label!r} not in 0..{len(classes) - 1}.")
+            raise DataError(
+                f"Hub data set `{name}` record {i}: label {label!r} not in 0..{len(classes) - 1}."
+            )
         ex_id = str(rec["id"]) if rec.get("id") is not None else f"agnews-{split}-{i}"
         title = str(rec.get("title") or "")
-        body = str(rec["description"]) if rec.get("description") is not None else str(_need(rec, "text", name, i))
+        body = (
+            str(rec["description"])
+            if rec.get("description") is not None
+            else str(_need(rec, "text", name, i))
+        )
         out.append(TCExample(ex_id, title, body, label, classes[label]))
     return out
 
@@ -83,16 +94,29 @@ def squad_from_records(records: Iterable[Mapping[str, Any]], name: str) -> list[
         starts = tuple(int(s) for s in _need(answers, "answer_start", name, i))
         if not texts or len(texts) != len(starts):
             raise DataError(f"Hub data set `{name}` record {i}: expected >= 1 answer with one start each.")
-        out.append(RCExample(str(_need(rec, "id", name, i)), str(rec.get("title") or ""),
-                             str(_need(rec, "context", name, i)), str(_need(rec, "question", name, i)),
-                             texts, starts))
+        out.append(
+            RCExample(
+                str(_need(rec, "id", name, i)),
+                str(rec.get("title") or ""),
+                str(_need(rec, "context", name, i)),
+                str(_need(rec, "question", name, i)),
+                texts,
+                starts,
+            )
+        )
     return out
 
 
 def xsum_from_records(records: Iterable[Mapping[str, Any]], name: str) -> list[TSExample]:
     """Hub ``EdinburghNLP/xsum`` rows (``id``, ``document``, ``summary``) to examples."""
-    return [TSExample(str(_need(r, "id", name, i)), str(_need(r, "document", name, i)),
-                      str(_need(r, "summary", name, i))) for i, r in enumerate(records)]
+    return [
+        TSExample(
+            str(_need(r, "id", name, i)),
+            str(_need(r, "document", name, i)),
+            str(_need(r, "summary", name, i)),
+        )
+        for i, r in enumerate(records)
+    ]
 
 
 def load_hub(task: str, name: str, split: str = "") -> list[Example]:

@@ -91,7 +91,9 @@ def _read_ag_news_csv(path: Path, classes: tuple[str, ...]) -> list[TCExample]:
         except StopIteration:
             break
         except csv.Error as exc:
-            raise DataError(f"{path}:{start}: malformed CSV ({exc}); expected {expected}.", "fix the quoting.") from None
+            raise DataError(
+                f"{path}:{start}: malformed CSV ({exc}); expected {expected}.", "fix the quoting."
+            ) from None
         line, start = start, reader.line_num + 1
         if not row:
             continue
@@ -168,7 +170,9 @@ def load_squad(directory: str | Path) -> list[RCExample]:
                 answers = _field(qa, "answers", list, w, path)
                 if not answers:
                     raise DataError(f"{path}: record {w}: expected at least one answer (SQuAD v1.1).")
-                texts = tuple(_field(a, "text", str, f"{w}.answers[{n}]", path) for n, a in enumerate(answers))
+                texts = tuple(
+                    _field(a, "text", str, f"{w}.answers[{n}]", path) for n, a in enumerate(answers)
+                )
                 starts = tuple(
                     _field(a, "answer_start", int, f"{w}.answers[{n}]", path) for n, a in enumerate(answers)
                 )

@@ -80,7 +80,9 @@ def dirichlet_partition(
     topped up with random examples of the largest one.
     """
     if alpha <= 0:
-        raise ConfigError(f"setting.dirichlet_alpha={alpha} must be > 0.", "use e.g. 0.5 (smaller = more skewed).")
+        raise ConfigError(
+            f"setting.dirichlet_alpha={alpha} must be > 0.", "use e.g. 0.5 (smaller = more skewed)."
+        )
     n = len(groups)
     if n < num_parts * min_size:
         raise ValueError(f"{n} examples cannot give {num_parts} clients {min_size} each.")
@@ -163,8 +165,12 @@ def cluster_texts(texts: Sequence[str], num_clusters: int) -> np.ndarray:
         labels = np.zeros(len(texts), dtype=np.int64)
     else:
         try:
-            x = TfidfVectorizer(max_features=EMBED_FEATURES, stop_words="english", sublinear_tf=True,
-                                min_df=2 if len(uniq) >= 50 else 1).fit_transform(list(uniq))
+            x = TfidfVectorizer(
+                max_features=EMBED_FEATURES,
+                stop_words="english",
+                sublinear_tf=True,
+                min_df=2 if len(uniq) >= 50 else 1,
+            ).fit_transform(list(uniq))
         except ValueError:  # empty vocabulary (e.g. only stop words)
             x = TfidfVectorizer(max_features=EMBED_FEATURES).fit_transform(list(uniq))
         dim = min(EMBED_DIM, x.shape[1] - 1, len(uniq) - 1)

@@ -85,10 +85,14 @@ class EnforcedSampler:
 Sampler = UniformSampler | EnforcedSampler
 
 
-def make_sampler(kind: str, client_tasks: Sequence[tuple[int, str]], clients_per_round: int, seed: int) -> Sampler:
+def make_sampler(
+    kind: str, client_tasks: Sequence[tuple[int, str]], clients_per_round: int, seed: int
+) -> Sampler:
     """The sampler named ``kind`` (``uniform`` / ``enforced``) over ``(client_id, task)`` pairs."""
     if kind == "uniform":
         return UniformSampler(tuple(c for c, _ in client_tasks), clients_per_round, seed)
     if kind == "enforced":
         return EnforcedSampler(tuple(client_tasks), seed)
-    raise ConfigError(f"setting.sampler={kind!r} is not a sampler.", 'use "uniform", "enforced" or "" (preset).')
+    raise ConfigError(
+        f"setting.sampler={kind!r} is not a sampler.", 'use "uniform", "enforced" or "" (preset).'
+    )

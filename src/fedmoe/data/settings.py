@@ -30,6 +30,7 @@ from fedmoe.data.partition import (
     assign_tasks,
     cluster_texts,
     dirichlet_partition,
+    draw_budgets,
     iid_partition,
     min_share,
     rng_for,
@@ -100,6 +101,19 @@ class Federation:
     def fingerprints(self) -> dict[int, str]:
         return {c.client_id: c.fingerprint() for c in self.clients}
 
+    def assign_budgets(self, full_bytes: int, low_fraction: float, high_fraction: float) -> list[int]:
+        """Fill ``budget_bytes`` uniformly from ``[low, high] x full_bytes`` (seeded; ALGORITHMS.md §5).
+
+        ``full_bytes`` is the training footprint of the whole MoE, known only once the model
+        is built; ``setting.budget_low`` / ``budget_high`` are the usual fractions.
+        """
+        budgets = draw_budgets(
+            len(self.clients), low_fraction * full_bytes, high_fraction * full_bytes, self.seed
+        )
+        for client, budget in zip(self.clients, budgets, strict=True):
+            client.budget_bytes = budget
+        return budgets
+
 
 def resolve_setting(setting: SettingConfig) -> tuple[str, str]:
     """``(sampler, partition)`` of the preset, with non-empty config fields overriding it."""
@@ -111,7 +125,9 @@ def resolve_setting(setting: SettingConfig) -> tuple[str, str]:
     sampler = setting.sampler or sampler
     partition = setting.partition or partition
     if partition not in PARTITIONS:
-        raise ConfigError(f"setting.partition={partition!r} is not a partition.", 'use "iid", "dirichlet" or "".')
+        raise ConfigError(
+            f"setting.partition={partition!r} is not a partition.", 'use "iid", "dirichlet" or "".'
+        )
     return sampler, partition
 
 
@@ -123,7 +139,9 @@ def _embedding_text(ex: Example) -> str:
     return ex.text
 
 
-def _groups(task: str, examples: Sequence[Example], partition: str, num_clusters: int) -> tuple[np.ndarray | None, str]:
+def _groups(
+    task: str, examples: Sequence[Example], partition: str, num_clusters: int
+) -> tuple[np.ndarray | None, str]:
     if task == "tc":
         return np.array([ex.label for ex in examples if isinstance(ex, TCExample)], dtype=np.int64), "label"
     if partition == "dirichlet":
@@ -134,7 +152,9 @@ def _groups(task: str, examples: Sequence[Example], partition: str, num_clusters
 def _check_tasks(tasks: Sequence[str]) -> None:
     bad = [t for t in tasks if t not in TASK_TYPES]
     if bad or len(set(tasks)) != len(tasks):
-        raise ConfigError(f"data.tasks={list(tasks)} must be distinct task types.", f"use a subset of {list(TASK_TYPES)}.")
+        raise ConfigError(
+            f"data.tasks={list(tasks)} must be distinct task types.", f"use a subset of {list(TASK_TYPES)}."
+        )
 
 
 def build_federation(cfg: ExperimentConfig) -> Federation:
@@ -162,20 +182,36 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         groups, kind = _groups(task, examples, partition, st.num_clusters)
         if groups is not None:
             n_groups = int(groups.max()) + 1
-            group_names[task] = tasks[task].label_names if task == "tc" else tuple(f"c{i}" for i in range(n_groups))
+            group_names[task] = (
+                tasks[task].label_names if task == "tc" else tuple(f"c{i}" for i in range(n_groups))
+            )
         if partition == "dirichlet":
             assert groups is not None
-            parts = dirichlet_partition(groups, len(ids), st.dirichlet_alpha, rng_for(cfg.seed, "dirichlet", task), need)
+            parts = dirichlet_partition(
+                groups, len(ids), st.dirichlet_alpha, rng_for(cfg.seed, "dirichlet", task), need
+            )
         else:
             parts = iid_partition(len(examples), len(ids), rng_for(cfg.seed, "iid", task))
         for cid, part in zip(ids, parts, strict=True):
-            train, val, test = split_share(part, data.val_fraction, data.test_fraction, rng_for(cfg.seed, "split", cid))
-            hist = () if groups is None else tuple(np.bincount(groups[part], minlength=len(group_names[task])).tolist())
+            train, val, test = split_share(
+                part, data.val_fraction, data.test_fraction, rng_for(cfg.seed, "split", cid)
+            )
+            hist = (
+                ()
+                if groups is None
+                else tuple(np.bincount(groups[part], minlength=len(group_names[task])).tolist())
+            )
             clients[cid] = ClientData(
-                cid, task,
-                tuple(examples[i] for i in train), tuple(examples[i] for i in val), tuple(examples[i] for i in test),
-                histogram=hist, histogram_kind=kind,
+                cid,
+                task,
+                tuple(examples[i] for i in train),
+                tuple(examples[i] for i in val),
+                tuple(examples[i] for i in test),
+                histogram=hist,
+                histogram_kind=kind,
             )
     ordered = [clients[c] for c in range(st.num_clients)]
-    sampler = make_sampler(sampler_kind, [(c.client_id, c.task) for c in ordered], st.clients_per_round, cfg.seed)
+    sampler = make_sampler(
+        sampler_kind, [(c.client_id, c.task) for c in ordered], st.clients_per_round, cfg.seed
+    )
     return Federation(st.preset, sampler_kind, partition, cfg.seed, ordered, tasks, sampler, group_names)

@@ -21,7 +21,9 @@ _CACHE: dict[tuple[object, ...], tuple[Example, ...]] = {}
 
 
 def _signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file())
+    return tuple(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()
+    )
 
 
 def load_examples(data: DataConfig, task: str) -> list[Example]:
@@ -38,7 +40,9 @@ def load_examples(data: DataConfig, task: str) -> list[Example]:
     else:
         raise ConfigError(f"data.source={data.source!r} is not a data source.", 'use "local" or "hub".')
     if key not in _CACHE:
-        loaded = load_local(data.data_dir, task) if key[0] == "local" else load_hub(task, str(key[2]), str(key[3]))
+        loaded = (
+            load_local(data.data_dir, task) if key[0] == "local" else load_hub(task, str(key[2]), str(key[3]))
+        )
         _CACHE[key] = tuple(loaded)
     return list(_CACHE[key])
 
@@ -46,7 +50,9 @@ def load_examples(data: DataConfig, task: str) -> list[Example]:
 def cap_examples(examples: Sequence[Example], max_examples: int, seed: int, task: str) -> list[Example]:
     """A seeded subset of at most ``max_examples`` (0 = all), kept in the original order."""
     if max_examples < 0:
-        raise ConfigError(f"data.max_examples_per_task={max_examples} must be >= 0.", "use 0 for all examples.")
+        raise ConfigError(
+            f"data.max_examples_per_task={max_examples} must be >= 0.", "use 0 for all examples."
+        )
     if max_examples == 0 or len(examples) <= max_examples:
         return list(examples)
     keep = sorted(rng_for(seed, "cap", task).choice(len(examples), size=max_examples, replace=False).tolist())
