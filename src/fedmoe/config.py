@@ -66,10 +66,11 @@ class SettingConfig:
     dirichlet_alpha: float = 0.5
     #: number of k-means clusters for RC/TS clustering-based partitions (FedNLP)
     num_clusters: int = 5
-    #: client memory budgets are drawn uniformly from [low, high] x (training bytes of
-    #: the full MoE); a fraction < 1 means no client fits the whole large MoE
-    budget_low: float = 0.45
-    budget_high: float = 0.75
+    #: client memory budget M_k = mem(dense) + u_k · mem(all experts), u_k ~ U[low, high]
+    #: (training bytes); u_k < 1: the client cannot hold the whole MoE; stage 1 needs
+    #: some clients with u_k >= 1 ("sufficient memory")
+    budget_low: float = 0.3
+    budget_high: float = 1.2
 
 
 @dataclass

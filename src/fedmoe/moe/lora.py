@@ -75,14 +75,16 @@ def trainable_state(pm: nn.Module) -> dict[str, torch.Tensor]:
     return {_strip(n): p.detach() for n, p in pm.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(pm: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_trainable_state(pm: nn.Module, state: dict[str, torch.Tensor], allow_missing: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` into the trainable tensors; keys containing any of ``allow_missing`` may be absent."""
     params = {_strip(n): p for n, p in pm.named_parameters() if p.requires_grad}
-    missing = set(params) - set(state)
+    missing = {k for k in set(params) - set(state) if not any(a in k for a in allow_missing)}
     if missing:
         raise KeyError(f"trainable tensors missing from the state: {sorted(missing)[:5]}")
     with torch.no_grad():
         for k, p in params.items():
-            p.copy_(state[k])
+            if k in state:
+                p.copy_(state[k])
 
 
 def _strip(name: str) -> str:

@@ -48,23 +48,35 @@ def build_tiny(name: str, seed: int = 0, **config_overrides: Any) -> nn.Module:
     return model
 
 
-def load_model(name: str, seed: int = 0, dtype: str = "float32") -> tuple[nn.Module, MoEFamily]:
+def load_model(name: str, seed: int = 0, dtype: str = "float32") -> tuple[nn.Module, MoEFamily, Any]:
     """Resolve ``name`` to a model and its family.
 
     Order: ``tiny-<family>``; a pretrained preset (``minilm-moe-<E>e``, ``smollm2-moe-<E>e``);
-    a local directory; a hub name (offline: from the local cache only).
+    a local directory; a hub name (offline: from the local cache only). Returns
+    ``(model, family, tokenizer)``; tiny models get a byte-level tokenizer.
     """
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise ModelError(f"Unknown dtype `{dtype}`.", "use float32, bfloat16 or float16.")
     if name.startswith(TINY_PREFIX):
         model = build_tiny(name, seed=seed)
-        return model.to(torch_dtype), _family_from_tiny(name)
+        return model.to(torch_dtype), _family_from_tiny(name), _byte_tokenizer(model)
     preset = _pretrained_preset(name)
     if preset is not None:
-        model = preset[0] if isinstance(preset, tuple) else preset
-        return model.to(torch_dtype), family_for_model_type(model.config.model_type)
-    return _from_pretrained(name, torch_dtype)
+        model, tok = preset if isinstance(preset, tuple) else (preset, None)
+        return model.to(torch_dtype), family_for_model_type(model.config.model_type), tok or _byte_tokenizer(model)
+    model, family = _from_pretrained(name, torch_dtype)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):
+        tok = _byte_tokenizer(model)
+    return model, family, tok
+
+
+def _byte_tokenizer(model: nn.Module) -> Any:
+    from fedmoe.train.tokenizer import ByteTokenizer
+
+    return ByteTokenizer(model.config.vocab_size)
 
 
 def _pretrained_preset(name: str) -> Any:

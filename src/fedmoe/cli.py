@@ -1,0 +1,136 @@
+"""``fedmoe`` command line: ``run``, ``inspect``, ``data describe``.
+
+User mistakes (:class:`~fedmoe.errors.FedMoEError`) print one line and exit with code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedmoe.errors import FedMoEError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Personalised federated fine-tuning of MoE LMs.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect data partitions.")
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+DEBUG = {"on": False}
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    DEBUG["on"] = debug
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _fail(exc: FedMoEError) -> None:
+    if DEBUG["on"]:
+        raise exc
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+@app.command()
+def inspect(model: Annotated[str, typer.Argument(help="tiny-<family>, a preset, a hub name or a local path")]) -> None:
+    """Print the MoE layers of MODEL: experts, top-k, bytes per expert, dense and total bytes."""
+    try:
+        from fedmoe.moe.models import load_model
+        from fedmoe.moe.slicing import layout_of
+
+        m, family, _ = load_model(model)
+    except FedMoEError as exc:
+        _fail(exc)
+        return
+    state = m.state_dict()
+    layout = layout_of(m, family)
+    table = Table(title=f"{model}  ({family.name}, {type(m).__name__})")
+    for col in ("layer", "module", "experts", "top-k", "bytes/expert", "router"):
+        table.add_column(col)
+    for b in family.blocks(m):
+        ex = sum(s.read(state).numel() * s.read(state).element_size() for s in layout.experts[(b.index, 0)])
+        table.add_row(str(b.index), b.path, str(b.num_experts), str(b.top_k), _mib(ex), family.normalisation)
+    console.print(table)
+    dense = sum(state[k].numel() * state[k].element_size() for k in layout.dense_keys)
+    total = sum(p.numel() * p.element_size() for p in m.parameters())
+    shared = ", ".join(family.shared_experts) or "none"
+    console.print(f"dense bytes: {_mib(dense)}   total bytes: {_mib(total)}   "
+                  f"parameters: {sum(p.numel() for p in m.parameters()):,}   shared experts: {shared}")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="experiment TOML file")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
+    out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/latest"),
+) -> None:
+    """Run an experiment in-process; writes config.toml, rounds.jsonl, summary.json, expert_map.json."""
+    from fedmoe.config import load_config
+
+    created = not out.exists()
+    try:
+        cfg = load_config(config, set_ or [])
+        from fedmoe.engine.run import run_experiment
+
+        summary = _with_progress(lambda progress: run_experiment(cfg, out, progress))
+    except FedMoEError as exc:
+        if created and out.exists():
+            shutil.rmtree(out)  # leave nothing that could be mistaken for a result
+        _fail(exc)
+        return
+    table = Table(title="final scores (clients' test splits)")
+    table.add_column("task")
+    table.add_column("scores")
+    for task, scores in summary["scores"].items():
+        table.add_row(task, "  ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    console.print(table)
+    console.print(
+        f"rounds={summary['rounds']} bytes_down={_mib(summary['bytes_down'])} (+{_mib(summary['bytes_down_base'])} base) "
+        f"bytes_up={_mib(summary['bytes_up'])} peak_mem_max={_mib(summary['peak_memory_max'])} "
+        f"experts {summary['experts_start'].get('mean', 0):.1f}→{summary['experts_end'].get('mean', 0):.1f} "
+        f"wall={summary['wall_time_s']:.0f}s  → {out}"
+    )
+
+
+def _with_progress(fn):
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=not sys.stdout.isatty()) as prog:
+        task = prog.add_task("round 0", total=None)
+
+        def progress(rnd: int, stage: int, cid: int, rec) -> None:
+            prog.update(task, description=f"stage {stage} round {rnd} client {cid} ({rec.task}) "
+                                          f"loss={rec.loss:.3f} score={rec.score:.3f}")
+            prog.advance(task)
+
+        return fn(progress)
+
+
+@data_app.command("describe")
+def describe(
+    config: Annotated[Path | None, typer.Argument(help="experiment TOML file")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
+) -> None:
+    """A table per client: task, split sizes, label/cluster histogram, budget; and totals."""
+    from fedmoe.data.describe import describe_command
+
+    try:
+        describe_command(str(config) if config else None, set_ or [])
+    except FedMoEError as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    app()

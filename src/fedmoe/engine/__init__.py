@@ -1,0 +1,1 @@
+"""In-process round runner (the default, embedded engine: no server to start)."""

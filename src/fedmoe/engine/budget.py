@@ -1,0 +1,73 @@
+"""Client memory budgets and the additive training-memory table used by the θ search.
+
+Each client's budget is ``M_k = mem(dense) + u_k · Σ_j mem(expert j)`` with ``u_k`` drawn
+uniformly in ``[setting.budget_low, setting.budget_high]`` (seeded), in training bytes under
+the configured fine-tuning mode (ALGORITHMS.md §5: every client fits the dense part plus
+some experts; only clients with ``u_k ≥ 1`` fit the whole MoE). A client is "sufficient"
+for stage 1 when M_k ≥ the full-MoE cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from fedmoe.algorithms.fedmoe import MemoryTable
+from fedmoe.config import ExperimentConfig
+from fedmoe.data.partition import draw_budgets
+from fedmoe.moe.families import MoEFamily
+from fedmoe.moe.slicing import layout_of
+
+
+def _unit_training_bytes(model: nn.Module, family: MoEFamily, batch_size: int, seq_len: int, finetune: str,
+                         lora_r: int) -> tuple[float, np.ndarray]:
+    """Additive training bytes: weights + (grad + 2 AdamW states) of what trains + activations.
+
+    Uses :func:`fedmoe.moe.memory.unit_training_bytes` when available.
+    """
+    try:
+        from fedmoe.moe import memory
+
+        return memory.unit_training_bytes(model, family, batch_size=batch_size, seq_len=seq_len,
+                                          finetune=finetune, lora_r=lora_r)
+    except (ImportError, AttributeError):
+        pass
+    state = model.state_dict()
+    layout = layout_of(model, family)
+    blocks = family.blocks(model)
+    experts = np.zeros((len(blocks), max(b.num_experts for b in blocks)))
+    train_mult = 4.0 if finetune == "full" else 1.0  # weights (+ grads + 2 Adam states)
+    for (i, j), slices in layout.experts.items():
+        w = sum(s.read(state).numel() * s.read(state).element_size() for s in slices)
+        experts[i, j] = w * train_mult if finetune == "full" else w * (1 + 3 * min(1.0, 2 * lora_r / 64))
+    dense = sum(state[k].numel() * state[k].element_size() for k in layout.dense_keys) * train_mult
+    hidden = getattr(model.config, "hidden_size", getattr(model.config, "d_model", 0))
+    dense += 4 * batch_size * seq_len * hidden * 24 * len(blocks)
+    return float(dense), experts
+
+
+@dataclass
+class MemoryPlan:
+    table: MemoryTable
+    full_bytes: float  #: training bytes of the full MoE
+    num_experts: list[int]
+
+    def submodel_bytes(self, kept: list[list[int]]) -> float:
+        return self.table.dense_bytes + sum(float(self.table.expert_bytes[i, j]) for i, ids in enumerate(kept) for j in ids)
+
+
+def plan_memory(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig, client_ids: list[int]) -> MemoryPlan:
+    dense, experts = _unit_training_bytes(
+        model, family, batch_size=cfg.train.batch_size, seq_len=cfg.data.max_seq_len,
+        finetune=cfg.train.finetune, lora_r=cfg.train.lora_r,
+    )
+    experts = np.asarray(experts, dtype=np.float64)
+    full = float(dense + experts.sum())
+    s = cfg.setting
+    total_experts = float(experts.sum())
+    budgets = draw_budgets(len(client_ids), dense + s.budget_low * total_experts,
+                           dense + s.budget_high * total_experts, cfg.seed)
+    table = MemoryTable(float(dense), experts, {cid: float(b) for cid, b in zip(client_ids, budgets, strict=True)})
+    return MemoryPlan(table, full, [b.num_experts for b in family.blocks(model)])

@@ -1,0 +1,87 @@
+"""One client's turn in a round: receive bytes, train, validate, send bytes back.
+
+Everything the client gets and returns crosses as serialised safetensors bytes; the
+in-process engine builds the client's base sub-MoE by extraction (bit-identical to what
+it would deserialise from the one-time base payload, whose bytes are counted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmoe.config import ExperimentConfig
+from fedmoe.data.settings import ClientData
+from fedmoe.engine.payload import from_bytes, to_bytes
+from fedmoe.engine.trainables import Trainables
+from fedmoe.moe.families import MoEFamily
+from fedmoe.moe.routing import RoutingStats
+from fedmoe.moe.slicing import ExpertMap, SubMoE
+from fedmoe.train.evaluate import evaluate
+from fedmoe.train.loop import local_train
+
+
+@dataclass
+class ClientContext:
+    cfg: ExperimentConfig
+    family: MoEFamily
+    kind: str
+    tokenizer: Any
+    device: torch.device
+    tasks: dict[str, Any]
+
+
+@dataclass
+class ClientReply:
+    upload: bytes
+    loss: float
+    score: float
+    p: np.ndarray  #: [L, E_global], 0 for experts not held
+    steps: int
+    peak_memory_bytes: int
+
+
+def global_p(stats: RoutingStats, expert_map: ExpertMap) -> np.ndarray:
+    local = stats.p()
+    out = np.zeros((len(expert_map.kept), max(expert_map.global_num_experts)), dtype=np.float64)
+    for i, ids in enumerate(expert_map.kept):
+        out[i, ids] = local[i, : len(ids)]
+    return out
+
+
+def main_metric(task: Any, scores: dict[str, float]) -> float:
+    return float(scores.get(task.metric, 0.0))
+
+
+def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: Trainables, download: bytes,
+               seed: int, measure: Any) -> tuple[ClientReply, Any]:
+    """Train ``sub`` (with the downloaded trainable tensors) on the client's data.
+
+    ``measure(fn)`` runs ``fn`` and returns ``(result, peak_bytes)``.
+    Returns the reply and the trained model (for the caller's bookkeeping).
+    """
+    task = ctx.tasks[client.task]
+
+    def work():
+        model = trainables.wrap(sub).to(ctx.device)
+        trainables.load(model, from_bytes(download))
+        res = local_train(model, ctx.family, ctx.kind, task, list(client.train), ctx.tokenizer,
+                          ctx.cfg.train, ctx.cfg.data, ctx.device, seed)
+        inner = model.base_model.model if hasattr(model, "base_model") else model
+        with RoutingStats(inner, ctx.family) as stats:
+            stats.token_masks = []
+            scores = _validate(ctx, model, task, client, stats)
+        return model, res, scores, global_p(stats, sub.expert_map)
+
+    (model, res, scores, p), peak = measure(work)
+    upload = to_bytes({k: v.cpu() for k, v in trainables.upload_state(model, client.task).items()})
+    reply = ClientReply(upload, res.loss, main_metric(task, scores), p, res.steps, int(peak))
+    return reply, model
+
+
+def _validate(ctx: ClientContext, model, task, client: ClientData, stats: RoutingStats) -> dict[str, float]:
+    return evaluate(model, ctx.kind, task, list(client.val), ctx.tokenizer, ctx.cfg.data, ctx.device,
+                    ctx.cfg.train.eval_batch_size)

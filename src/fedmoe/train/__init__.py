@@ -1,0 +1,1 @@
+"""The client loop (local training) and evaluation."""

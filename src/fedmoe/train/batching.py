@@ -1,0 +1,164 @@
+"""How examples become model inputs for the three model kinds.
+
+* ``causal`` (Mixtral, Qwen-MoE, OLMoE, DeepSeek): ``prompt + target + eos``; the loss is on
+  the target tokens only (prompt labels = −100).
+* ``seq2seq`` (SwitchTransformers): encoder gets the prompt, decoder the target.
+* ``encoder`` (our BERT-MoE): task heads — TC classification on [CLS], RC start/end span,
+  TS extractive: score each sentence start, the target is the *oracle* sentence with the
+  highest bigram-overlap F1 with the reference summary (BertSum-style; a (choice)).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmoe.data.examples import Example, RCExample, TCExample, TSExample
+
+IGNORE = -100
+MAX_SENTENCES = 12
+_SENT_SPLIT = re.compile(r"(?<=[.!?])\s+")
+
+
+def model_kind(family_name: str) -> str:
+    if family_name == "bert_moe":
+        return "encoder"
+    if family_name == "switch_transformers":
+        return "seq2seq"
+    return "causal"
+
+
+def _ids(tok: Any, text: str) -> list[int]:
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def text2text(task: Any, ex: Example) -> tuple[str, str]:
+    return task.to_text2text(ex)
+
+
+def sentences(document: str) -> list[str]:
+    return [s for s in _SENT_SPLIT.split(document.strip()) if s][:MAX_SENTENCES]
+
+
+def _bigrams(text: str) -> set[tuple[str, str]]:
+    w = re.findall(r"\w+", text.lower())
+    return set(zip(w, w[1:], strict=False))
+
+
+def oracle_sentence(document: str, summary: str) -> int:
+    ref = _bigrams(summary)
+    best, best_f = 0, -1.0
+    for i, s in enumerate(sentences(document)):
+        b = _bigrams(s)
+        inter = len(b & ref)
+        f = 0.0 if not inter else 2 * inter / (len(b) + len(ref))
+        if f > best_f:
+            best, best_f = i, f
+    return best
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    n = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (n - len(r)) for r in rows], dtype=torch.long)
+
+
+def collate(kind: str, task: Any, examples: Sequence[Example], tok: Any, max_len: int, max_target: int) -> dict[str, Any]:
+    """One training batch (tensors) for ``examples`` of one task."""
+    if kind == "encoder":
+        return _collate_encoder(task, examples, tok, max_len)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = tok.eos_token_id if tok.eos_token_id is not None else pad
+    if kind == "seq2seq":
+        enc, dec = [], []
+        for ex in examples:
+            src, tgt = text2text(task, ex)
+            enc.append(_ids(tok, src)[: max_len - 1] + [eos])
+            dec.append(_ids(tok, tgt)[: max_target - 1] + [eos])
+        ids = _pad(enc, pad)
+        labels = _pad(dec, IGNORE)
+        return {"input_ids": ids, "attention_mask": (ids != pad).long() if pad != eos else _mask(enc), "labels": labels}
+    rows, labels = [], []
+    for ex in examples:
+        src, tgt = text2text(task, ex)
+        t = _ids(tok, " " + tgt)[: max_target - 1] + [eos]
+        s = _ids(tok, src)[: max(1, max_len - len(t))]
+        rows.append(s + t)
+        labels.append([IGNORE] * len(s) + t)
+    return {"input_ids": _pad(rows, pad), "attention_mask": _mask(rows), "labels": _pad(labels, IGNORE)}
+
+
+def _mask(rows: list[list[int]]) -> torch.Tensor:
+    n = max(len(r) for r in rows)
+    return torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows], dtype=torch.long)
+
+
+def _collate_encoder(task: Any, examples: Sequence[Example], tok: Any, max_len: int) -> dict[str, Any]:
+    name = task.name
+    if name == "tc":
+        enc = tok([ex.text for ex in examples if isinstance(ex, TCExample)], truncation=True,
+                  max_length=max_len, padding=True, return_tensors="pt")
+        return {**dict(enc), "task": "tc", "labels": torch.tensor([ex.label for ex in examples])}
+    if name == "rc":
+        qs = [ex.question for ex in examples if isinstance(ex, RCExample)]
+        cs = [ex.context for ex in examples if isinstance(ex, RCExample)]
+        enc = tok(qs, cs, truncation="only_second", max_length=max_len, padding=True,
+                  return_offsets_mapping=True, return_tensors="pt")
+        offsets = enc.pop("offset_mapping")
+        starts, ends = [], []
+        for b, ex in enumerate(examples):
+            s_char = ex.answer_starts[0]
+            e_char = s_char + len(ex.answers[0])
+            seq_ids = enc.sequence_ids(b)
+            s_tok = e_tok = 0
+            for t, (o, sid) in enumerate(zip(offsets[b].tolist(), seq_ids, strict=True)):
+                if sid != 1:
+                    continue
+                if o[0] <= s_char < o[1] and s_tok == 0:
+                    s_tok = t
+                if o[0] < e_char <= o[1]:
+                    e_tok = t
+            if e_tok < s_tok or s_tok == 0:
+                s_tok = e_tok = 0  # answer truncated away: point at [CLS]
+            starts.append(s_tok)
+            ends.append(e_tok)
+        return {**dict(enc), "task": "rc", "start": torch.tensor(starts), "end": torch.tensor(ends),
+                "offsets": offsets, "contexts": cs}
+    # ts: [CLS] s1 [SEP] s2 [SEP] …, scoring each sentence's first token
+    rows, positions, targets, sents_all = [], [], [], []
+    for ex in examples:
+        assert isinstance(ex, TSExample)
+        sents = sentences(ex.document) or [ex.document]
+        ids, pos = [tok.cls_token_id], []
+        for s in sents:
+            piece = _ids(tok, s)
+            if len(ids) + 2 > max_len:
+                break
+            pos.append(len(ids))
+            ids += piece[: max_len - len(ids) - 1] + [tok.sep_token_id]
+        rows.append(ids)
+        positions.append(pos)
+        targets.append(min(oracle_sentence(ex.document, ex.summary), len(pos) - 1))
+        sents_all.append(sents[: len(pos)])
+    n_s = max(len(p) for p in positions)
+    pos_t = torch.tensor([p + [-1] * (n_s - len(p)) for p in positions], dtype=torch.long)
+    return {"input_ids": _pad(rows, tok.pad_token_id), "attention_mask": _mask(rows), "task": "ts",
+            "sentence_positions": pos_t, "labels": torch.tensor(targets), "sentences": sents_all}
+
+
+def iterate_batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "task", "sentence_positions")
+
+
+def model_inputs(batch: dict[str, Any], kind: str, device: torch.device) -> dict[str, Any]:
+    """The subset of a batch the model's forward takes, moved to ``device``."""
+    keys = ("input_ids", "attention_mask", "token_type_ids", "task", "sentence_positions") if kind == "encoder" else (
+        "input_ids", "attention_mask", "labels")
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k in keys}
