@@ -26,6 +26,7 @@ from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+import fedmoe.moe.families.bert_moe  # noqa: F401  (registers the bert_moe family)
 from fedmoe.errors import ModelError
 from fedmoe.moe.bert_moe import BertMoeConfig, BertMoeForFedTasks
 
