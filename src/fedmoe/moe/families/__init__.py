@@ -55,3 +55,6 @@ def get_family(name: str) -> MoEFamily:
 
 
 __all__ = ["FAMILIES", "MoEBlockInfo", "MoEFamily", "family_for_model_type", "family_of", "get_family", "register_family", "supported"]
+
+# Our own BERT-MoE family registers itself on import (it needs register_family above).
+from fedmoe.moe.families import bert_moe as _bert_moe  # noqa: E402,F401
