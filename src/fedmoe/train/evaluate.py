@@ -17,7 +17,7 @@ from torch import nn
 from fedmoe.config import DataConfig
 from fedmoe.data.examples import TCExample
 from fedmoe.train.batching import IGNORE, _ids, collate, model_inputs, text2text
-from fedmoe.train.loop import autocast, sequence_logprob
+from fedmoe.train.loop import forward_context, sequence_logprob
 
 MAX_SPAN = 30
 
@@ -29,7 +29,7 @@ def predict(model: nn.Module, kind: str, task: Any, examples: list, tok: Any, da
     preds: list[Any] = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        with autocast(device):
+        with forward_context(device):
             preds.extend(_predict_chunk(model, kind, task, chunk, tok, data_cfg, device))
     return preds
 

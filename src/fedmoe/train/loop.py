@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fedmoe.config import DataConfig, TrainConfig
 from fedmoe.moe.families import MoEFamily
@@ -40,6 +41,16 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def forward_context(device: torch.device) -> ExitStack:
+    """Autocast on CUDA, and ``parametrize.cached()``: peft's LoRA on fused expert tensors
+    is a parametrization, which would otherwise recompute the whole ``[E, out, in]`` delta
+    each time an expert loop indexes the tensor (E times per layer per forward)."""
+    stack = ExitStack()
+    stack.enter_context(autocast(device))
+    stack.enter_context(parametrize.cached())
+    return stack
 
 
 def smoothed_ce(logits: torch.Tensor, target: torch.Tensor, eps: float, ignore: int = IGNORE) -> torch.Tensor:
@@ -138,7 +149,7 @@ def local_train(
                     break
                 batch = collate(kind, task, [examples[i] for i in idx], tokenizer,
                                 data_cfg.max_seq_len, data_cfg.max_target_len)
-                with autocast(device):
+                with forward_context(device):
                     out = model(**model_inputs(batch, kind, device))
                     loss = task_loss(kind, out, batch, train_cfg.label_smoothing)
                     aux = balance.pop()
@@ -169,4 +180,4 @@ def sequence_logprob(model: nn.Module, batch: dict[str, Any], device: torch.devi
     return (tok * keep).sum(-1)
 
 
-__all__ = ["F", "LocalResult", "autocast", "local_train", "pick_device", "seed_everything", "sequence_logprob"]
+__all__ = ["F", "LocalResult", "autocast", "forward_context", "local_train", "pick_device", "seed_everything", "sequence_logprob"]
