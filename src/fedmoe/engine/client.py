@@ -21,7 +21,7 @@ from fedmoe.moe.families import MoEFamily
 from fedmoe.moe.routing import RoutingStats
 from fedmoe.moe.slicing import ExpertMap, SubMoE
 from fedmoe.train.evaluate import evaluate
-from fedmoe.train.loop import local_train
+from fedmoe.train.loop import LocalHooks, LocalResult, local_train
 
 
 @dataclass
@@ -35,6 +35,20 @@ class ClientContext:
 
 
 @dataclass
+class ClientPlan:
+    """Algorithm-specific extras for one client's turn.
+
+    ``extra_down``: tensors sent besides the trainable state (e.g. SCAFFOLD's variates);
+    ``hooks(extra_down)``: local-loop hooks; ``extra_up(model, extra_down, result)``:
+    tensors sent back besides the trainable state. All extras cross as bytes and count.
+    """
+
+    extra_down: dict[str, torch.Tensor] | None = None
+    hooks: Any = None
+    extra_up: Any = None
+
+
+@dataclass
 class ClientReply:
     upload: bytes
     loss: float
@@ -42,6 +56,9 @@ class ClientReply:
     p: np.ndarray  #: [L, E_global], 0 for experts not held
     steps: int
     peak_memory_bytes: int
+    extra: dict[str, torch.Tensor] | None = None
+    extra_down_bytes: int = 0
+    extra_up_bytes: int = 0
 
 
 def global_p(stats: RoutingStats, expert_map: ExpertMap) -> np.ndarray:
@@ -57,28 +74,36 @@ def main_metric(task: Any, scores: dict[str, float]) -> float:
 
 
 def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: Trainables, download: bytes,
-               seed: int, measure: Any) -> tuple[ClientReply, Any]:
+               seed: int, measure: Any, plan: ClientPlan | None = None) -> tuple[ClientReply, Any]:
     """Train ``sub`` (with the downloaded trainable tensors) on the client's data.
 
     ``measure(fn)`` runs ``fn`` and returns ``(result, peak_bytes)``.
     Returns the reply and the trained model (for the caller's bookkeeping).
     """
     task = ctx.tasks[client.task]
+    plan = plan or ClientPlan()
+    extra_bytes = to_bytes(plan.extra_down or {})
 
     def work():
         model = trainables.wrap(sub).to(ctx.device)
         trainables.load(model, from_bytes(download))
-        res = local_train(model, ctx.family, ctx.kind, task, list(client.train), ctx.tokenizer,
-                          ctx.cfg.train, ctx.cfg.data, ctx.device, seed)
+        extra_down = from_bytes(extra_bytes)
+        hooks: LocalHooks | None = plan.hooks(extra_down) if plan.hooks else None
+        res: LocalResult = local_train(model, ctx.family, ctx.kind, task, list(client.train), ctx.tokenizer,
+                                       ctx.cfg.train, ctx.cfg.data, ctx.device, seed, hooks)
+        extra_up = plan.extra_up(model, extra_down, res) if plan.extra_up else None
         inner = model.base_model.model if hasattr(model, "base_model") else model
         with RoutingStats(inner, ctx.family) as stats:
             stats.token_masks = []
             scores = _validate(ctx, model, task, client, stats)
-        return model, res, scores, global_p(stats, sub.expert_map)
+        return model, res, scores, global_p(stats, sub.expert_map), extra_up
 
-    (model, res, scores, p), peak = measure(work)
+    (model, res, scores, p, extra_up), peak = measure(work)
     upload = to_bytes({k: v.cpu() for k, v in trainables.upload_state(model, client.task).items()})
-    reply = ClientReply(upload, res.loss, main_metric(task, scores), p, res.steps, int(peak))
+    extra_up_bytes = to_bytes(extra_up or {})
+    reply = ClientReply(upload, res.loss, main_metric(task, scores), p, res.steps, int(peak),
+                        extra=from_bytes(extra_up_bytes), extra_down_bytes=len(extra_bytes))
+    reply.extra_up_bytes = len(extra_up_bytes)
     return reply, model
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -121,16 +122,33 @@ class LocalResult:
     loss: float
     steps: int
     num_examples: int
+    lr: float = 0.0  #: peak learning rate (SCAFFOLD's η)
+
+
+@dataclass
+class LocalHooks:
+    """Algorithm-specific additions to the local loop (FedProx, SCAFFOLD, …).
+
+    ``extra_loss(named_params)`` is added to the loss (e.g. FedProx's proximal term);
+    ``before_step(named_params)`` may edit gradients in place (e.g. SCAFFOLD's ``− c_k + c``).
+    ``named_params`` maps trainable-state keys to the live parameters.
+    """
+
+    extra_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    before_step: Callable[[dict[str, torch.Tensor]], None] | None = None
 
 
 def local_train(
     model: nn.Module, family: MoEFamily, kind: str, task: Any, examples: list, tokenizer: Any,
     train_cfg: TrainConfig, data_cfg: DataConfig, device: torch.device, seed: int,
+    hooks: LocalHooks | None = None,
 ) -> LocalResult:
     """Train ``model`` (its ``requires_grad`` tensors) on ``examples`` for the configured epochs."""
     seed_everything(seed)
     rng = np.random.default_rng(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    hooks = hooks or LocalHooks()
+    named = {_strip(n): p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     per_epoch = math.ceil(len(examples) / train_cfg.batch_size)
     total = per_epoch * train_cfg.local_epochs
     if train_cfg.max_local_steps:
@@ -155,8 +173,12 @@ def local_train(
                     aux = balance.pop()
                     if aux is not None and train_cfg.load_balance_coef:
                         loss = loss + train_cfg.load_balance_coef * aux
+                    if hooks.extra_loss is not None:
+                        loss = loss + hooks.extra_loss(named)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if hooks.before_step is not None:
+                    hooks.before_step(named)
                 if train_cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
                 opt.step()
@@ -166,7 +188,12 @@ def local_train(
     finally:
         balance.close()
     model.eval()
-    return LocalResult(loss=running / max(step, 1), steps=step, num_examples=len(examples))
+    return LocalResult(loss=running / max(step, 1), steps=step, num_examples=len(examples), lr=train_cfg.lr)
+
+
+def _strip(name: str) -> str:
+    prefix = "base_model.model."
+    return name[len(prefix):] if name.startswith(prefix) else name
 
 
 def sequence_logprob(model: nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -180,4 +207,4 @@ def sequence_logprob(model: nn.Module, batch: dict[str, Any], device: torch.devi
     return (tok * keep).sum(-1)
 
 
-__all__ = ["F", "LocalResult", "autocast", "forward_context", "local_train", "pick_device", "seed_everything", "sequence_logprob"]
+__all__ = ["F", "LocalHooks", "LocalResult", "autocast", "forward_context", "local_train", "pick_device", "seed_everything", "sequence_logprob"]

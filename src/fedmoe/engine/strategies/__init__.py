@@ -1,0 +1,26 @@
+"""Engine strategies: how each algorithm plans rounds, prepares clients and aggregates.
+
+A strategy (Flower's configure/aggregate verbs) glues a pure algorithm module
+(:mod:`fedmoe.algorithms`) to the engine. Register new ones in :data:`STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from fedmoe.engine.strategies.base import Strategy
+from fedmoe.engine.strategies.fedmoe import FedMoEStrategy
+from fedmoe.errors import ConfigError
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedmoe": FedMoEStrategy,
+    "random_moe": FedMoEStrategy,  # random initial sets, no recommendation (ALGORITHMS.md §2)
+}
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        close = difflib.get_close_matches(name, list(STRATEGIES), n=1)
+        hint = f"did you mean `{close[0]}`?" if close else f"use one of: {', '.join(sorted(STRATEGIES))}."
+        raise ConfigError(f"Unknown algorithm `{name}`.", hint)
+    return STRATEGIES[name](name)

@@ -1,0 +1,54 @@
+"""Strategy protocol used by :class:`fedmoe.engine.run.Run`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fedmoe.core.aggregation import ClientUpdate, modular_aggregate
+from fedmoe.engine.client import ClientPlan, ClientReply
+
+if TYPE_CHECKING:
+    from fedmoe.engine.run import Run
+
+
+@dataclass
+class RoundPlan:
+    round: int
+    stage: int
+    sampled: list[int]
+    sets: dict[int, list[list[int]]]
+    skipped: dict[int, str] = field(default_factory=dict)
+
+
+class Strategy:
+    """Default behaviour: modular aggregation of the trainable state, no extras."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def setup(self, run: Run) -> None:
+        """Called once after the model, data and budgets are ready."""
+
+    def plans(self, run: Run):  # -> Iterator[RoundPlan]
+        raise NotImplementedError
+
+    def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan | None:
+        return None
+
+    def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
+        run.trainables.state = modular_aggregate(run.trainables.state, run.trainables.layout, updates)
+
+    def after_round(self, run: Run, plan: RoundPlan, replies: dict[int, ClientReply]) -> dict[str, Any]:
+        """Structure updates after aggregation; returns extra fields for the round record."""
+        return {}
+
+    def final_sets(self, run: Run) -> dict[int, list[list[int]]]:
+        """Each client's expert set for the final evaluation."""
+        raise NotImplementedError
+
+    def expert_counts(self, run: Run) -> dict[str, float]:
+        counts = [sum(len(k) for k in s) for s in self.final_sets(run).values()]
+        if not counts:
+            return {"mean": 0.0, "min": 0.0, "max": 0.0}
+        return {"mean": sum(counts) / len(counts), "min": float(min(counts)), "max": float(max(counts))}

@@ -1,0 +1,97 @@
+"""FedMoE (and randomMoE) on the engine: stage 1, then Algorithm 1 (ALGORITHMS.md §1, §2).
+
+``random_moe`` = random initial sets under the same budget rule, no recommendation; the
+FedMoE ablations are the switches ``fedmoe.stage1`` and ``fedmoe.stage2_adjust``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedmoe.algorithms import fedmoe as algo
+from fedmoe.engine.strategies.base import RoundPlan, Strategy
+from fedmoe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedmoe.engine.run import Run
+
+
+class FedMoEStrategy(Strategy):
+    def setup(self, run: Run) -> None:
+        self.state = algo.FedMoEServerState()
+        fc = run.cfg.fedmoe
+        self.random_init = self.name == "random_moe" or not fc.stage1
+        self.adjust = self.name != "random_moe" and fc.stage2_adjust
+        self.info = {c.client_id: (c.task, len(c.train)) for c in run.fed.clients}
+        self.start_counts: dict[str, float] | None = None
+
+    # -- stage 1 -----------------------------------------------------------------------
+    def _stage1_plans(self, run: Run):
+        fc, table = run.cfg.fedmoe, run.plan.table
+        full = [list(range(n)) for n in run.plan.num_experts]
+        sufficient = [cid for cid in sorted(self.info) if table.budgets[cid] >= run.plan.full_bytes]
+        if not sufficient:
+            raise ConfigError(
+                "No client's memory budget holds the full MoE for stage 1 "
+                f"(needs {run.plan.full_bytes / 2**20:.1f} MiB; largest budget "
+                f"{max(table.budgets.values()) / 2**20:.1f} MiB).",
+                "raise setting.budget_high above 1.0, or run the ablation with --set fedmoe.stage1=false.",
+            )
+        self.reports: dict[int, tuple[str, int, np.ndarray]] = {}
+        rng = np.random.default_rng(run.cfg.seed + 1)
+        per_round = min(run.cfg.setting.clients_per_round, len(sufficient))
+        for r in range(fc.stage1_rounds):
+            sampled = sorted(rng.choice(sufficient, size=per_round, replace=False).tolist())
+            yield RoundPlan(r, 1, sampled, {cid: full for cid in sampled})
+
+    def _initial_sets(self, run: Run) -> None:
+        fc = run.cfg.fedmoe
+        if self.random_init:
+            p = {cid: np.zeros_like(run.plan.table.expert_bytes) for cid in self.info}
+            self.state = algo.initial_expert_sets(self.state, p, run.plan.table, alpha=fc.alpha, tol=fc.theta_tol,
+                                                  exclude_unfit=fc.exclude_unfit,
+                                                  random_init=np.random.default_rng(run.cfg.seed))
+        else:
+            p = algo.predict_p(self.reports, self.info)
+            self.state = algo.initial_expert_sets(self.state, p, run.plan.table, alpha=fc.alpha, tol=fc.theta_tol,
+                                                  exclude_unfit=fc.exclude_unfit, reported=self.reports.keys())
+        self.start_counts = algo.expert_count_stats(self.state)
+
+    # -- rounds --------------------------------------------------------------------------
+    def plans(self, run: Run):
+        fc = run.cfg.fedmoe
+        first = 0
+        if not self.random_init:
+            yield from self._stage1_plans(run)
+            first = fc.stage1_rounds
+        self._initial_sets(run)
+        rng = np.random.default_rng(run.cfg.seed + 2)
+        for r in range(fc.rounds):
+            rnd = first + r
+            drawn = run.fed.sample_clients(rnd, rng)
+            sampled = [c for c in drawn if c in self.state.expert_sets]
+            skipped = {c: self.state.excluded[c] for c in drawn if c in self.state.excluded}
+            yield RoundPlan(rnd, 2, sampled, self.state.expert_sets, skipped)
+
+    def after_round(self, run: Run, plan: RoundPlan, replies) -> dict[str, Any]:
+        if plan.stage == 1:
+            for cid, rep in replies.items():
+                self.reports[cid] = (self.info[cid][0], self.info[cid][1], rep.p)
+            return {}
+        fc = run.cfg.fedmoe
+        results = [algo.ClientResult(cid, self.info[cid][1], rep.score, rep.p) for cid, rep in replies.items()]
+        self.state, events = algo.after_round(self.state, results, run.plan.table, patience=fc.patience,
+                                              top_k=fc.top_k_similar, stage2_adjust=self.adjust)
+        return {"actions": events, "theta": {c: self.state.theta[c] for c in plan.sampled if c in self.state.theta}}
+
+    def final_sets(self, run: Run) -> dict[int, list[list[int]]]:
+        return dict(sorted(self.state.expert_sets.items()))
+
+    def summary_extras(self) -> dict[str, Any]:
+        return {
+            "experts_start": self.start_counts or {},
+            "excluded": {str(k): v for k, v in self.state.excluded.items()},
+            "frozen": sorted(int(c) for c in self.state.frozen),
+        }
