@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel
 
 from fedmoe.moe.bert_moe import (
     BertMoeConfig,
+    BertMoeExperts,
     BertMoeForFedTasks,
     BertMoeModel,
     BertMoeSparseMoeBlock,
@@ -121,3 +122,29 @@ def test_sub_moe_equals_masked_full_model_and_reloads(tmp_path):
     back = slicing.load_sub_moe(slicing.save_sub_moe(sub, tmp_path))
     with torch.no_grad():
         assert torch.equal(back.model(**x, task="rc").logits, got)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_experts_forward_and_grads_match_a_naive_loop(k):
+    torch.manual_seed(k)
+    cfg = FAMILY.build_config(num_experts=5)
+    fused = BertMoeExperts(cfg)
+    for p in fused.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(13, cfg.hidden_size, requires_grad=True)
+    idx = torch.stack([torch.randperm(4)[:k] for _ in range(13)])  # expert 4 is never hit
+    w = torch.rand(13, k)
+    got = fused(x, idx, w)
+    ref = torch.zeros_like(got)
+    for t in range(13):
+        for s in range(k):
+            e = int(idx[t, s])
+            h = fused.act_fn(x[t] @ fused.up_proj[e].T + fused.up_bias[e])
+            ref[t] += w[t, s] * (h @ fused.down_proj[e].T + fused.down_bias[e])
+    assert torch.allclose(got, ref, atol=1e-5)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad((got * g).sum(), [x, fused.up_proj, fused.down_bias])
+    refs = torch.autograd.grad((ref * g).sum(), [x, fused.up_proj, fused.down_bias])
+    for a, b in zip(grads, refs, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert grads[1][4].abs().sum() == 0

@@ -102,20 +102,46 @@ class BertMoeExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Run each expert that was hit on its tokens and sum the weighted outputs."""
-        final = torch.zeros_like(hidden_states)
+        """``[N, H]`` tokens, ``[N, k]`` expert ids and weights → ``Σ_slots w · expert(x)``, ``[N, H]``.
+
+        The ``N·k`` (token, slot) pairs are sorted by expert once; each expert that was hit
+        runs on its contiguous chunk. Gathers and their gradients are permutations (no
+        scatter-add, which is slow on CPU), and the fused weights are unbound once so the
+        backward stacks per-expert gradients instead of filling a full ``[E, …]`` tensor
+        per expert.
+        """
+        n, k = top_k_index.shape
         with torch.no_grad():
-            # [E, k, N]: which (slot, token) pairs go to each expert
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for row in expert_hit:
-            e = row[0]
-            top_k_pos, token_idx = torch.where(expert_mask[e])
-            x = F.linear(hidden_states[token_idx], self.up_proj[e], self.up_bias[e])
-            x = F.linear(self.act_fn(x), self.down_proj[e], self.down_bias[e])
-            x = x * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, x.to(final.dtype))
-        return final
+            flat = top_k_index.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            inverse = torch.argsort(order)
+            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        slots = hidden_states.unsqueeze(1).expand(n, k, hidden_states.shape[-1]).reshape(n * k, -1)
+        chunks = _PermuteRows.apply(slots, order, inverse).split(counts)
+        up_w, up_b = self.up_proj.unbind(0), self.up_bias.unbind(0)
+        down_w, down_b = self.down_proj.unbind(0), self.down_bias.unbind(0)
+        outs = []
+        for e, x in enumerate(chunks):
+            if counts[e]:
+                x = self.act_fn(F.linear(x, up_w[e], up_b[e]))
+                outs.append(F.linear(x, down_w[e], down_b[e]))
+        weights = top_k_weights.reshape(-1)[order, None]
+        y = (torch.cat(outs) * weights).to(hidden_states.dtype)
+        return _PermuteRows.apply(y, inverse, order).view(n, k, -1).sum(dim=1)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` whose gradient is the inverse permutation (a gather, not a scatter-add)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 class BertMoeSparseMoeBlock(nn.Module):
