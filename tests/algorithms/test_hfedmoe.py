@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedmoe.algorithms.hfedmoe import (
     ClientStats,
@@ -186,3 +188,19 @@ def test_configure_and_aggregate() -> None:
     assert torch.equal(g["router.w"], torch.arange(6.0).reshape(2, 3))
     with pytest.raises(ValueError):
         aggregate(HFedMoEServerState(), g, _layout(), ups, {1: stats[1]})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 2**31 - 1), st.floats(0, 1), st.floats(0, 2))
+def test_streaming_equals_direct_and_kl_nonnegative(b: int, e: int, seed: int, lam: float, beta: float) -> None:
+    rng = np.random.default_rng(seed)
+    g = rng.dirichlet(np.ones(e), size=b) * (rng.random((b, e)) > 0.3)  # some exact zeros
+    s = importance(g, lam)[2]
+    kl, score = ib_score(g, s, beta)
+    assert np.all(kl >= 0)
+    rs = RouterStats(e)
+    for k in range(0, b, 2):
+        rs.add(g[k : k + 2])
+    kl2, score2 = rs.ib_score(lam, beta)
+    np.testing.assert_allclose(kl2, kl, atol=1e-12)
+    np.testing.assert_allclose(score2, score, atol=1e-12)

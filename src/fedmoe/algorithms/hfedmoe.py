@@ -358,9 +358,3 @@ def aggregate(
                        "experts_updated": len(who)})
     return new, out, info
 
-
-__all__ = [
-    "ClientStats", "HFedMoEServerState", "RouterStats", "aggregate", "compute_budget", "configure",
-    "default_tau", "expert_aggregate", "gate_aggregate", "gate_weights", "ib_score", "importance",
-    "select_active",
-]
