@@ -72,19 +72,25 @@ def inspect(model: Annotated[str, typer.Argument(help="tiny-<family>, a preset, 
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="experiment TOML file")],
+    config: Annotated[Path | None, typer.Argument(help="experiment TOML file")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/latest"),
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory")] = None,
 ) -> None:
     """Run an experiment in-process; writes config.toml, rounds.jsonl, summary.json, expert_map.json."""
     from fedmoe.config import load_config
+    from fedmoe.errors import ConfigError
 
+    if resume is not None:
+        out, config = resume, resume / "config.toml"
     created = not out.exists()
     try:
+        if config is None:
+            raise ConfigError("No config file given.", "run `fedmoe run CONFIG.toml` or `fedmoe run --resume RUN_DIR`.")
         cfg = load_config(config, set_ or [])
         from fedmoe.engine.run import run_experiment
 
-        summary = _with_progress(lambda progress: run_experiment(cfg, out, progress))
+        summary = _with_progress(lambda progress: run_experiment(cfg, out, progress, resume=resume is not None))
     except FedMoEError as exc:
         if created and out.exists():
             shutil.rmtree(out)  # leave nothing that could be mistaken for a result

@@ -118,6 +118,23 @@ class FedMoEConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """Dense-sharing baselines FedAvg / FedProx / SCAFFOLD (ALGORITHMS.md §2).
+
+    They train for ``fedmoe.rounds`` rounds (the same R as FedMoE's stage 2).
+    """
+
+    #: experts per MoE layer of the baselines' global model (the first n of each layer);
+    #: 0 = the global model itself; -1 = auto: the largest n whose model fits every client's
+    #: budget (the paper's set-up: a smaller MoE that every client can hold)
+    num_experts: int = -1
+    #: FedProx μ: proximal term (μ/2)·‖w − w_global‖² on the trainable tensors
+    fedprox_mu: float = 0.01
+    #: SCAFFOLD server step size η_g (w ← w + η_g · mean Δw)
+    scaffold_server_lr: float = 1.0
+
+
+@dataclass
 class EngineConfig:
     #: "inprocess" (default) or "flower-sim"
     name: str = "inprocess"
@@ -125,6 +142,8 @@ class EngineConfig:
     measure_memory: bool = True
     #: device: "auto" (CUDA when present), "cpu" or "cuda"
     device: str = "auto"
+    #: write a server checkpoint every N rounds (0 = never); `fedmoe run --resume DIR`
+    checkpoint_every: int = 1
 
 
 @dataclass
@@ -138,6 +157,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fedmoe: FedMoEConfig = field(default_factory=FedMoEConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from fedmoe.config import ExperimentConfig, dump_toml
 from fedmoe.data.settings import build_federation
 from fedmoe.engine.budget import MemoryPlan, plan_memory
+from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedmoe.engine.client import ClientContext, run_client
 from fedmoe.engine.payload import from_bytes, to_bytes
 from fedmoe.engine.records import ClientRecord, RoundRecord
@@ -157,16 +158,26 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = None) -> dict[str, Any]:
-    """Run an experiment in-process and write the outputs; returns the summary."""
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = None,
+                   resume: bool = False) -> dict[str, Any]:
+    """Run an experiment in-process and write the outputs; returns the summary.
+
+    With ``resume``, continue from the last complete checkpoint in ``out_dir``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rounds.jsonl").write_text("")
-    (out / "config.toml").write_text(dump_toml(cfg))
     t0 = time.perf_counter()
     run = Run(cfg, out, progress)
-    for plan in run.strategy.plans(run):
-        run.round(plan)
+    start = 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        start = load_checkpoint(run, ckpt) + 1
+    (out / "rounds.jsonl").write_text("".join(json.dumps(rr.to_json()) + "\n" for rr in run.rounds))
+    (out / "config.toml").write_text(dump_toml(cfg))
+    for rnd in range(start, run.strategy.num_rounds(run)):
+        run.round(run.strategy.plan(run, rnd))
+        if cfg.engine.checkpoint_every and (rnd + 1) % cfg.engine.checkpoint_every == 0:
+            save_checkpoint(run, rnd)
     scores = run.final_scores()
     clients = [c for rr in run.rounds for c in rr.clients]
     peaks = [c.peak_memory_bytes for c in clients] or [0]

@@ -9,12 +9,16 @@ from __future__ import annotations
 import difflib
 
 from fedmoe.engine.strategies.base import Strategy
+from fedmoe.engine.strategies.baselines import FedAvgStrategy, FedProxStrategy, ScaffoldStrategy
 from fedmoe.engine.strategies.fedmoe import FedMoEStrategy
 from fedmoe.errors import ConfigError
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedmoe": FedMoEStrategy,
     "random_moe": FedMoEStrategy,  # random initial sets, no recommendation (ALGORITHMS.md §2)
+    "fedavg": FedAvgStrategy,  # dense-sharing baselines (ALGORITHMS.md §2)
+    "fedprox": FedProxStrategy,
+    "scaffold": ScaffoldStrategy,
 }
 
 

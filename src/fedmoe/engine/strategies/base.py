@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from fedmoe.core.aggregation import ClientUpdate, modular_aggregate
 from fedmoe.engine.client import ClientPlan, ClientReply
 
@@ -30,8 +32,23 @@ class Strategy:
     def setup(self, run: Run) -> None:
         """Called once after the model, data and budgets are ready."""
 
-    def plans(self, run: Run):  # -> Iterator[RoundPlan]
+    def num_rounds(self, run: Run) -> int:
         raise NotImplementedError
+
+    def plan(self, run: Run, rnd: int) -> RoundPlan:
+        """The plan of round ``rnd`` — a function of the strategy state and ``rnd`` only
+        (per-round seeded randomness), so a resumed run replays exactly."""
+        raise NotImplementedError
+
+    def round_rng(self, run: Run, rnd: int, salt: int = 0) -> np.random.Generator:
+        return np.random.default_rng([run.cfg.seed, rnd, salt])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume (pickled into the checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan | None:
         return None

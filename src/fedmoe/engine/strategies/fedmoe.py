@@ -26,11 +26,17 @@ class FedMoEStrategy(Strategy):
         self.adjust = self.name != "random_moe" and fc.stage2_adjust
         self.info = {c.client_id: (c.task, len(c.train)) for c in run.fed.clients}
         self.start_counts: dict[str, float] | None = None
+        self.reports: dict[int, tuple[str, int, np.ndarray]] = {}
 
-    # -- stage 1 -----------------------------------------------------------------------
-    def _stage1_plans(self, run: Run):
-        fc, table = run.cfg.fedmoe, run.plan.table
-        full = [list(range(n)) for n in run.plan.num_experts]
+    # -- rounds --------------------------------------------------------------------------
+    def _stage1_rounds(self, run: Run) -> int:
+        return 0 if self.random_init else run.cfg.fedmoe.stage1_rounds
+
+    def num_rounds(self, run: Run) -> int:
+        return self._stage1_rounds(run) + run.cfg.fedmoe.rounds
+
+    def _sufficient(self, run: Run) -> list[int]:
+        table = run.plan.table
         sufficient = [cid for cid in sorted(self.info) if table.budgets[cid] >= run.plan.full_bytes]
         if not sufficient:
             raise ConfigError(
@@ -39,41 +45,42 @@ class FedMoEStrategy(Strategy):
                 f"{max(table.budgets.values()) / 2**20:.1f} MiB).",
                 "raise setting.budget_high above 1.0, or run the ablation with --set fedmoe.stage1=false.",
             )
-        self.reports: dict[int, tuple[str, int, np.ndarray]] = {}
-        rng = np.random.default_rng(run.cfg.seed + 1)
-        per_round = min(run.cfg.setting.clients_per_round, len(sufficient))
-        for r in range(fc.stage1_rounds):
-            sampled = sorted(rng.choice(sufficient, size=per_round, replace=False).tolist())
-            yield RoundPlan(r, 1, sampled, {cid: full for cid in sampled})
+        return sufficient
+
+    def plan(self, run: Run, rnd: int) -> RoundPlan:
+        r1 = self._stage1_rounds(run)
+        if rnd < r1:  # stage 1: sufficient-memory clients fine-tune the full MoE with LoRA
+            sufficient = self._sufficient(run)
+            per_round = min(run.cfg.setting.clients_per_round, len(sufficient))
+            sampled = sorted(self.round_rng(run, rnd).choice(sufficient, size=per_round, replace=False).tolist())
+            full = [list(range(n)) for n in run.plan.num_experts]
+            return RoundPlan(rnd, 1, sampled, {cid: full for cid in sampled})
+        if not self.state.expert_sets and not self.state.excluded:
+            self._initial_sets(run)
+        drawn = run.fed.sample_clients(rnd, self.round_rng(run, rnd))
+        sampled = [c for c in drawn if c in self.state.expert_sets]
+        skipped = {c: self.state.excluded[c] for c in drawn if c in self.state.excluded}
+        return RoundPlan(rnd, 2, sampled, self.state.expert_sets, skipped)
 
     def _initial_sets(self, run: Run) -> None:
+        """Stage 1 steps 2–4: predict p for the others, θ search (or random sets)."""
         fc = run.cfg.fedmoe
         if self.random_init:
             p = {cid: np.zeros_like(run.plan.table.expert_bytes) for cid in self.info}
             self.state = algo.initial_expert_sets(self.state, p, run.plan.table, alpha=fc.alpha, tol=fc.theta_tol,
                                                   exclude_unfit=fc.exclude_unfit,
-                                                  random_init=np.random.default_rng(run.cfg.seed))
+                                                  random_init=np.random.default_rng([run.cfg.seed, 7]))
         else:
             p = algo.predict_p(self.reports, self.info)
             self.state = algo.initial_expert_sets(self.state, p, run.plan.table, alpha=fc.alpha, tol=fc.theta_tol,
                                                   exclude_unfit=fc.exclude_unfit, reported=self.reports.keys())
         self.start_counts = algo.expert_count_stats(self.state)
 
-    # -- rounds --------------------------------------------------------------------------
-    def plans(self, run: Run):
-        fc = run.cfg.fedmoe
-        first = 0
-        if not self.random_init:
-            yield from self._stage1_plans(run)
-            first = fc.stage1_rounds
-        self._initial_sets(run)
-        rng = np.random.default_rng(run.cfg.seed + 2)
-        for r in range(fc.rounds):
-            rnd = first + r
-            drawn = run.fed.sample_clients(rnd, rng)
-            sampled = [c for c in drawn if c in self.state.expert_sets]
-            skipped = {c: self.state.excluded[c] for c in drawn if c in self.state.excluded}
-            yield RoundPlan(rnd, 2, sampled, self.state.expert_sets, skipped)
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "reports": self.reports, "start_counts": self.start_counts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state, self.reports, self.start_counts = state["state"], state["reports"], state["start_counts"]
 
     def after_round(self, run: Run, plan: RoundPlan, replies) -> dict[str, Any]:
         if plan.stage == 1:
