@@ -9,9 +9,10 @@ Usage (the numbers in docs/models.md were made with these commands)::
 Inputs are random token ids (full attention mask, seeded); ``minilm-*`` trains the ``tc``
 head with cross-entropy, ``smollm2-*`` the causal-LM loss. The first step (which also
 allocates the AdamW state) is reported separately; ``step_s`` is the median of the next
-``--steps`` steps. Peak memory is the process's peak RSS (``VmHWM``) during the steps,
-after resetting it once the model is built (``/proc/self/clear_refs``), so loading and
-upcycling peaks are not counted.
+``--steps`` steps (``step_s_min``: their minimum; the 1-minute load average before and
+after is printed, since other jobs on a shared machine inflate times). Peak memory is
+the process's peak RSS (``VmHWM``) during the steps, after resetting it once the model
+is built (``/proc/self/clear_refs``), so loading and upcycling peaks are not counted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -119,6 +121,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     gc.collect()
+    load0 = os.getloadavg()[0]
     rss_before = _status_kb("VmRSS")
     peak_reset = _reset_peak()
     first = step()
@@ -132,12 +135,14 @@ def main() -> None:
         "seq": args.seq,
         "first_step_s": round(first, 3),
         "step_s": round(statistics.median(times), 3),
+        "step_s_min": round(min(times), 3),
         "step_s_all": [round(t, 3) for t in times],
         "rss_before_steps_gib": round(rss_before / 2**20, 2),
         "peak_rss_gib": round(peak / 2**20, 2),
         "peak_reset": peak_reset,
         "build_s": round(build_s, 1),
         "threads": torch.get_num_threads(),
+        "loadavg_1m_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "cpu": _cpu(),
         "torch": torch.__version__,
     }
