@@ -1,10 +1,9 @@
 """Federated algorithms: server-side state and verbs, looked up by name.
 
-``ALGORITHMS`` maps the ``algorithm`` config value to the module implementing it. Only
-FedMoE is implemented here so far; the other names of ``ExperimentConfig.algorithm``
-(fedavg, fedprox, scaffold, random_moe, hfedmoe, flex) are listed in ``PLANNED`` and get an
-entry here once their module exists (random_moe = :mod:`fedmoe.algorithms.fedmoe` with
-``initial_expert_sets(random_init=rng)`` and ``stage2_adjust=False``).
+``ALGORITHMS`` maps the ``algorithm`` config value to the module implementing it. Names of
+``ExperimentConfig.algorithm`` listed in ``PLANNED`` get an entry here once their module
+exists (random_moe = :mod:`fedmoe.algorithms.fedmoe` with ``initial_expert_sets(random_init=rng)``
+and ``stage2_adjust=False``, documented in :mod:`fedmoe.algorithms.random_moe`).
 """
 
 from __future__ import annotations
@@ -17,9 +16,13 @@ from fedmoe.errors import ConfigError
 
 ALGORITHMS: dict[str, str] = {
     "fedmoe": "fedmoe.algorithms.fedmoe",
+    "fedavg": "fedmoe.algorithms.fedavg",
+    "fedprox": "fedmoe.algorithms.fedprox",
+    "scaffold": "fedmoe.algorithms.scaffold",
+    "random_moe": "fedmoe.algorithms.random_moe",
 }
 
-PLANNED: tuple[str, ...] = ("fedavg", "fedprox", "scaffold", "random_moe", "hfedmoe", "flex")
+PLANNED: tuple[str, ...] = ("hfedmoe", "flex")
 
 
 def get_algorithm(name: str) -> ModuleType:

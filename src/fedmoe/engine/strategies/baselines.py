@@ -1,0 +1,235 @@
+"""Dense-sharing baselines on the engine: FedAvg, FedProx, SCAFFOLD (ALGORITHMS.md §2).
+
+Every client trains the same global model with all of its experts; the server averages
+everything (FedAvg, :mod:`fedmoe.algorithms.fedavg`), FedProx adds the proximal term to the
+local loss (:mod:`fedmoe.algorithms.fedprox`), SCAFFOLD corrects local gradients with control
+variates that travel both ways (:mod:`fedmoe.algorithms.scaffold`).
+
+* **Global model.** ``baseline.num_experts`` = n > 0: the baselines' global MoE keeps the
+  first n experts of every MoE layer (built once in :meth:`BaselineStrategy.setup` with
+  :func:`fedmoe.moe.slicing.extract`; the paper runs FedProx/SCAFFOLD on an 8-expert MoE that
+  fits every client while FedMoE/randomMoE use the 32-expert one). n = 0: the run's model
+  itself. n = −1 (default): the largest n whose model fits every client's budget. Memory
+  uses the run's additive table (:class:`fedmoe.engine.budget.MemoryPlan`) restricted to the
+  kept experts, so a given sub-MoE costs the same bytes under every algorithm, and the
+  clients keep their budgets ``M_k``.
+* **Budgets.** A client whose budget cannot hold the model (``submodel_bytes(all experts) >
+  M_k``) stops the run with a :class:`~fedmoe.errors.BudgetError` naming the client, the
+  bytes needed and its budget — unless ``fedmoe.exclude_unfit``: then it never takes part
+  (recorded in the rounds' ``skipped`` and the summary's ``excluded``).
+* **Rounds.** ``fedmoe.rounds`` rounds (the same R as FedMoE's stage 2, so comparisons use
+  the same number of federated rounds), numbered 0…R−1 and recorded as stage 2; round r
+  samples ``run.fed.sample_clients(r, rng_r)`` with the per-round generator
+  ``np.random.default_rng([seed, r, 0])`` (resumable); drawn clients that are excluded are
+  skipped.
+* **What travels** (ALGORITHMS.md §1): the trainable tensors (LoRA adapters, router rows,
+  heads) down and up every round, base weights once; SCAFFOLD adds ``c`` down and ``Δc_k`` up
+  as :class:`~fedmoe.engine.client.ClientPlan` extras, both counted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmoe.algorithms import fedavg, fedprox, scaffold
+from fedmoe.algorithms.fedmoe import MemoryTable
+from fedmoe.core.aggregation import ClientUpdate
+from fedmoe.engine.budget import MemoryPlan
+from fedmoe.engine.client import ClientPlan, ClientReply
+from fedmoe.engine.payload import from_bytes
+from fedmoe.engine.strategies.base import RoundPlan, Strategy
+from fedmoe.engine.trainables import HEAD_TASKS, Trainables
+from fedmoe.errors import BudgetError, ConfigError
+from fedmoe.moe.slicing import extract, layout_of
+from fedmoe.train.loop import LocalHooks, LocalResult
+
+if TYPE_CHECKING:
+    from fedmoe.engine.run import Run
+
+#: stage number of the baselines' rounds in ``rounds.jsonl`` (federated training, like FedMoE's stage 2)
+STAGE = 2
+
+
+def resolve_num_experts(plan: MemoryPlan, requested: int) -> list[int]:
+    """Experts per layer of the baselines' global model for ``baseline.num_experts = requested``.
+
+    ``0`` → the model's own counts; ``n > 0`` → ``min(n, E_i)`` per layer; ``−1`` → the largest
+    n (≥ 1) such that ``dense + Σ_i Σ_{j < min(n, E_i)} mem(i, j) ≤ min_k M_k``, or 1 if none fits
+    (the fit check then fails loudly or excludes).
+    """
+    counts = list(plan.num_experts)
+    if requested == 0:
+        return counts
+    if requested > 0:
+        return [min(requested, e) for e in counts]
+    if requested != -1:
+        raise ConfigError(f"baseline.num_experts = {requested} is invalid.",
+                          "use n > 0 experts per layer, 0 for the run's model, or -1 for the largest that fits.")
+    smallest = min(plan.table.budgets.values())
+    for n in range(max(counts), 0, -1):
+        if _model_bytes(plan, [min(n, e) for e in counts]) <= smallest:
+            return [min(n, e) for e in counts]
+    return [1] * len(counts)
+
+
+def _model_bytes(plan: MemoryPlan, counts: list[int]) -> float:
+    return plan.submodel_bytes([list(range(n)) for n in counts])
+
+
+def use_global_model(run: Run, model: nn.Module, counts: list[int]) -> None:
+    """Make ``model`` (the first ``counts[i]`` experts of each layer of ``run.base``) the run's
+    global model, rebuilding every ``Run`` field that depends on the model.
+
+    ``base`` (frozen), ``trainables`` (fresh LoRA state with the run's seed, as ``Run`` makes
+    it), ``base_layout``, the base-weight caches, and ``plan``: the run's memory table
+    restricted to the kept experts, with the clients' budgets unchanged.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    t = run.cfg.train
+    old = run.plan
+    run.base = model
+    run.trainables = Trainables.create(model, run.family, t.finetune, t.lora_r, t.lora_alpha, t.lora_dropout,
+                                       run.cfg.seed)
+    run.base_layout = layout_of(model, run.family)
+    run.cache = {}
+    width = max(counts)
+    eb = np.zeros((len(counts), width), dtype=np.float64)
+    for i, n in enumerate(counts):
+        eb[i, :n] = old.table.expert_bytes[i, :n]
+    table = MemoryTable(float(old.table.dense_bytes), eb, dict(old.table.budgets))
+    run.plan = MemoryPlan(table, float(table.dense_bytes + eb.sum()), list(counts))
+
+
+def client_keys(state: dict[str, torch.Tensor], task: str) -> list[str]:
+    """The trainable keys a client of ``task`` receives and sends: all but other tasks' heads
+    (:meth:`fedmoe.engine.trainables.Trainables.for_client` / ``upload_state``)."""
+    return [k for k in state if not any(f"{t}_head." in k for t in HEAD_TASKS if t != task)]
+
+
+class BaselineStrategy(Strategy):
+    """FedAvg: every client trains the whole global model; the server averages everything."""
+
+    def setup(self, run: Run) -> None:
+        counts = resolve_num_experts(run.plan, run.cfg.baseline.num_experts)
+        if counts != list(run.plan.num_experts):
+            sub = extract(run.base, [list(range(n)) for n in counts], run.family)
+            use_global_model(run, sub.model, counts)
+        self.num_experts = counts
+        self.full_sets = [list(range(n)) for n in counts]
+        need = run.plan.submodel_bytes(self.full_sets)
+        self.excluded: dict[int, str] = {}
+        unfit = [(cid, run.plan.table.budgets[cid]) for cid in sorted(run.clients)
+                 if need > run.plan.table.budgets[cid]]
+        for cid, budget in unfit:
+            msg = (f"Client {cid} cannot hold the {self.name} global model ({sum(counts)} experts, "
+                   f"{counts} per layer): it needs {need:.0f} training bytes, its budget is {budget:.0f} bytes.")
+            if not run.cfg.fedmoe.exclude_unfit:
+                others = f" ({len(unfit) - 1} more clients do not fit either)" if len(unfit) > 1 else ""
+                raise BudgetError(msg + others, "set baseline.num_experts to fewer experts per layer (-1 = the "
+                                  "largest that fits every client), raise setting.budget_low, or set "
+                                  "fedmoe.exclude_unfit=true to leave such clients out.")
+            self.excluded[cid] = msg
+        self.members = [cid for cid in sorted(run.clients) if cid not in self.excluded]
+        if not self.members:
+            raise BudgetError(f"No client can hold the {self.name} global model ({need:.0f} training bytes).",
+                              "set baseline.num_experts to fewer experts per layer, or raise the budgets.")
+        self.tasks = {cid: run.clients[cid].task for cid in run.clients}
+
+    # -- rounds ------------------------------------------------------------------------
+    def num_rounds(self, run: Run) -> int:
+        return run.cfg.fedmoe.rounds
+
+    def plan(self, run: Run, rnd: int) -> RoundPlan:
+        drawn = run.fed.sample_clients(rnd, np.random.default_rng([run.cfg.seed, rnd, 0]))
+        sampled = [c for c in drawn if c not in self.excluded]
+        skipped = {c: self.excluded[c] for c in drawn if c in self.excluded}
+        return RoundPlan(rnd, STAGE, sampled, {c: self.full_sets for c in sampled}, skipped)
+
+    def plans(self, run: Run):  # -> Iterator[RoundPlan]; the generator form of the protocol
+        for rnd in range(self.num_rounds(run)):
+            yield self.plan(run, rnd)
+
+    # -- aggregation -------------------------------------------------------------------
+    def _uploads(self, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> list[fedavg.ClientWeights]:
+        return [fedavg.ClientWeights(u.client_id, u.num_examples, from_bytes(replies[u.client_id].upload))
+                for u in updates]
+
+    def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
+        run.trainables.state = fedavg.average(run.trainables.state, self._uploads(updates, replies))
+
+    def final_sets(self, run: Run) -> dict[int, list[list[int]]]:
+        return {cid: self.full_sets for cid in self.members}
+
+    def summary_extras(self) -> dict[str, Any]:
+        n = sum(self.num_experts)
+        return {
+            "experts_start": {"mean": float(n), "min": float(n), "max": float(n)},
+            "excluded": {str(k): v for k, v in self.excluded.items()},
+            "baseline_num_experts": list(self.num_experts),
+        }
+
+
+class FedAvgStrategy(BaselineStrategy):
+    """FedAvg (McMahan et al. 2017)."""
+
+
+class FedProxStrategy(BaselineStrategy):
+    """FedProx (Li et al. 2020): FedAvg + ``(μ/2)‖w − w_global‖²`` in the local loss, μ = ``baseline.fedprox_mu``."""
+
+    def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan:
+        mu = run.cfg.baseline.fedprox_mu
+        keys = set(client_keys(run.trainables.state, self.tasks[cid]))
+        return ClientPlan(hooks=lambda extra_down: LocalHooks(extra_loss=fedprox.ProximalTerm(mu, keys)))
+
+
+class ScaffoldStrategy(BaselineStrategy):
+    """SCAFFOLD (Karimireddy et al. 2020): control variates over the trainable tensors.
+
+    Server state: ``c`` (and N per key, the number of clients holding that tensor). Client
+    state: ``c_k`` lives on the client — in this in-process simulation it is kept in
+    :attr:`client_variates`, written only by the client's own turn (:meth:`client_plan`'s
+    ``extra_up``) and read only when building that client's hooks; it never crosses the wire.
+    Down: ``w`` and ``c``; up: ``w_k`` and ``Δc_k``; both counted.
+    """
+
+    def setup(self, run: Run) -> None:
+        super().setup(run)
+        holders: dict[str, int] = {}
+        for cid in self.members:
+            for k in client_keys(run.trainables.state, self.tasks[cid]):
+                holders[k] = holders.get(k, 0) + 1
+        template = {k: v for k, v in run.trainables.state.items() if k in holders}
+        self.server = scaffold.init_server_state(template, holders)
+        self.client_variates: dict[int, dict[str, torch.Tensor]] = {}  #: client-held c_k
+
+    def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan:
+        down = {k: self.server.c[k] for k in client_keys(run.trainables.state, self.tasks[cid]) if k in self.server.c}
+        turn: dict[str, scaffold.ScaffoldClient] = {}
+
+        def hooks(extra_down: dict[str, torch.Tensor]) -> LocalHooks:
+            turn["client"] = scaffold.ScaffoldClient(extra_down, self.client_variates.get(cid, {}))
+            return LocalHooks(before_step=turn["client"].before_step)
+
+        def extra_up(model: nn.Module, extra_down: dict[str, torch.Tensor], res: LocalResult) -> dict[str, torch.Tensor]:
+            c_new, delta = turn["client"].finish(res.steps, res.lr)
+            self.client_variates[cid] = c_new
+            return delta
+
+        return ClientPlan(extra_down=down, hooks=hooks, extra_up=extra_up)
+
+    def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
+        uploads = [scaffold.ScaffoldUpload(u.client_id, u.num_examples, u.weights, dict(replies[u.client_id].extra or {}))
+                   for u in self._uploads(updates, replies)]
+        run.trainables.state, self.server = scaffold.server_update(
+            run.trainables.state, self.server, uploads, server_lr=run.cfg.baseline.scaffold_server_lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"server": self.server, "client_variates": self.client_variates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.server, self.client_variates = state["server"], state["client_variates"]
