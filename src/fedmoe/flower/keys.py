@@ -1,0 +1,63 @@
+"""Every key the Flower apps exchange or read, defined once.
+
+Three namespaces:
+
+* run config (``[tool.flwr.app.config]`` in ``pyproject.toml``, ``flwr run --run-config``),
+  read by both the ServerApp and the ClientApp;
+* node config (``flower-supernode --node-config``), read by the ClientApp;
+* message content: record names in a :class:`~flwr.app.RecordDict` and the keys inside them.
+"""
+
+from __future__ import annotations
+
+# -- run config ------------------------------------------------------------------------
+#: path of the experiment TOML (relative: to the working directory, else the installed app)
+RUN_EXPERIMENT = "experiment"
+#: ``;``-separated ``key=value`` experiment overrides (the CLI's ``--set`` syntax)
+RUN_OVERRIDES = "overrides"
+#: where the ServerApp writes its outputs: ``<out-dir>/<run-id>/``
+RUN_OUT_DIR = "out-dir"
+#: seconds the server waits for a round's replies; missing ones count as failed
+RUN_ROUND_TIMEOUT = "round-timeout"
+#: seconds the server waits for SuperNodes to cover every partition
+RUN_DISCOVERY_TIMEOUT = "discovery-timeout"
+#: test-only fault injection: ``"ROUND:CLIENT[,ROUND:CLIENT…]"`` makes those turns raise
+RUN_INJECT_FAULT = "inject-fault"
+
+# -- node config -------------------------------------------------------------------------
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+#: optional node-local override of ``data.data_dir``
+NODE_DATA_DIR = "data-dir"
+
+# -- message content: record names ---------------------------------------------------------
+#: ArrayRecord: trainable tensors (server → client: the sub-MoE's share of the global
+#: state; client → server: the trained tensors)
+REC_TRAINABLES = "trainables"
+#: ArrayRecord: algorithm extras (``ClientPlan.extra_down`` / ``extra_up``)
+REC_EXTRA = "extra"
+#: ArrayRecord: routing statistics of the reply (``p``: ``[L, E_global]`` float64)
+REC_ROUTING = "routing"
+#: ConfigRecord: round / client / expert-map metadata of a request, identity of a node
+REC_CONFIG = "config"
+#: MetricRecord: loss, score, steps, peak memory of a reply
+REC_METRICS = "metrics"
+
+# -- message content: keys inside records ---------------------------------------------------
+CFG_CLIENT_ID = "client-id"
+CFG_ROUND = "round"
+CFG_STAGE = "stage"
+CFG_SEED = "seed"
+#: JSON of :class:`~fedmoe.moe.slicing.ExpertMap` (the kept global experts per layer)
+CFG_EXPERT_MAP = "expert-map"
+#: SHA-256 of the resolved experiment config (node-local keys left out): both sides must agree
+CFG_FINGERPRINT = "config-sha256"
+CFG_PARTITION_ID = NODE_PARTITION_ID
+CFG_NUM_PARTITIONS = NODE_NUM_PARTITIONS
+
+ARR_P = "p"
+
+MET_LOSS = "loss"
+MET_SCORE = "score"
+MET_STEPS = "steps"
+MET_PEAK_MEMORY = "peak_memory_bytes"

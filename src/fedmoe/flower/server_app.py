@@ -1,0 +1,243 @@
+"""Flower ServerApp: the engine's rounds over the Message API.
+
+The loop is the in-process engine's, on the same :class:`~fedmoe.engine.run.Run` object
+(model, data, budgets, strategy): the strategy plans each round, every sampled client's
+request is prepared as in ``Run._client`` and sent to the SuperNode serving that client as
+its own message (its sub-MoE's trainable tensors + expert map + round/seed), replies are
+matched to requests by ``reply_to_message_id``, and the strategy aggregates the successful
+ones and updates expert sets. A client whose turn fails — an error reply (the ClientApp
+raised, the node is unavailable …), no reply within ``round-timeout``, or no node serving
+its partition — is left out of aggregation and logged in ``rounds.jsonl`` with ``error``.
+
+Outputs (as ``fedmoe run``'s, see :mod:`fedmoe.engine.run`) land in ``<out-dir>/<run-id>/``,
+relative paths being relative to the ServerApp's working directory (the SuperLink's).
+Byte counts are those of the Flower messages: ``bytes_down`` / ``bytes_up`` are the
+serialised content of each request / reply; ``bytes_down_base`` is 0, since nodes build the
+base model from the experiment config instead of receiving it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedmoe.engine.records import RoundRecord
+from fedmoe.engine.remote import (
+    close_round,
+    config_fingerprint,
+    failed_record,
+    finish_client,
+    maybe_checkpoint,
+    prepare_client,
+    reply_from_parts,
+    round_plans,
+    start_outputs,
+    write_outputs,
+)
+from fedmoe.engine.run import Run
+from fedmoe.engine.strategies.base import RoundPlan
+from fedmoe.flower.records import content_bytes, job_content, parse_reply
+from fedmoe.flower.settings import AppSettings, parse_identity, partition_of
+
+app = ServerApp()
+
+#: Flower's error codes (``flwr.common.constant.ErrorCode``) by number, for readable records
+ERROR_NAMES = {0: "UNKNOWN", 1: "LOAD_CLIENT_APP_EXCEPTION", 2: "CLIENT_APP_RAISED_EXCEPTION",
+               3: "MESSAGE_UNAVAILABLE", 4: "REPLY_MESSAGE_UNAVAILABLE", 5: "NODE_UNAVAILABLE",
+               6: "MOD_FAILED_PRECONDITION", 7: "INVALID_FAB", 8: "CLIENT_APP_CRASHED"}
+POLL_S = 0.5
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point: run the experiment named by the run config on the connected SuperNodes."""
+    settings = AppSettings.from_run_config(context.run_config)
+    out = Path(settings.out_dir).expanduser().resolve() / str(context.run_id)
+    run_federated(grid, settings, out)
+
+
+# -- nodes ------------------------------------------------------------------------------------
+@dataclass
+class NodeDirectory:
+    """Which SuperNode serves which partition (client ``c`` is in partition ``c % N``)."""
+
+    num_partitions: int
+    nodes: dict[int, int] = field(default_factory=dict)  #: partition id → node id
+
+    def node_for(self, client_id: int) -> int | None:
+        return self.nodes.get(partition_of(client_id, self.num_partitions))
+
+    def missing(self) -> list[int]:
+        return [p for p in range(self.num_partitions) if p not in self.nodes]
+
+
+def discover_nodes(grid: Grid, timeout: float, poll: float = POLL_S) -> NodeDirectory:
+    """Ask every connected node for its identity until all partitions are covered or ``timeout``.
+
+    Raises ``RuntimeError`` when no node answered at all, or when nodes disagree on
+    ``num-partitions``; returns a directory with holes (logged) when some partitions have no node.
+    """
+    deadline = time.monotonic() + timeout
+    asked: set[int] = set()
+    pending: dict[str, int] = {}
+    idents: dict[int, tuple[int, int]] = {}
+    while True:
+        new = sorted(n for n in grid.get_node_ids() if n not in asked)
+        if new:
+            msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+            ids = list(grid.push_messages(msgs))
+            for n, mid in zip(new, ids + [None] * (len(new) - len(ids)), strict=True):
+                if mid:
+                    pending[mid] = n
+            asked.update(new)
+        for reply in grid.pull_messages(list(pending)) if pending else []:
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:
+                continue
+            if reply.has_error():
+                log(WARNING, "[fedmoe] node %s did not answer the identity query: %s", node, _error_text(reply))
+                continue
+            idents[node] = parse_identity(reply.content)
+        directory = _directory(idents)
+        if directory is not None and not directory.missing():
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(poll)
+    if directory is None:
+        raise RuntimeError(f"No SuperNode answered the identity query within {timeout:.0f} s.")
+    if directory.missing():
+        log(WARNING, "[fedmoe] no SuperNode for partitions %s: their clients' turns will fail", directory.missing())
+    log(INFO, "[fedmoe] %d partitions served by nodes %s", directory.num_partitions, directory.nodes)
+    return directory
+
+
+def _directory(idents: dict[int, tuple[int, int]]) -> NodeDirectory | None:
+    if not idents:
+        return None
+    sizes = {n for _, n in idents.values()}
+    if len(sizes) > 1:
+        raise RuntimeError(f"SuperNodes disagree on num-partitions: {sorted(sizes)}.")
+    directory = NodeDirectory(sizes.pop())
+    for node, (pid, _) in sorted(idents.items()):
+        if pid in directory.nodes:
+            log(WARNING, "[fedmoe] nodes %s and %s both claim partition %s; using the first",
+                directory.nodes[pid], node, pid)
+            continue
+        directory.nodes[pid] = node
+    return directory
+
+
+def _error_text(reply: Message) -> str:
+    err = reply.error
+    return f"{ERROR_NAMES.get(err.code, 'ERROR')} ({err.code}): {err.reason or ''}".strip()
+
+
+# -- rounds -----------------------------------------------------------------------------------
+def collect_replies(grid: Grid, waiting: dict[str, int], timeout: float, poll: float = POLL_S) -> dict[int, Message]:
+    """Pull replies to ``waiting`` (message id → client id) until all arrived or ``timeout``.
+
+    Replies are matched by ``reply_to_message_id`` (an error reply for a dead node comes
+    from the SuperLink, not from the node); late and unknown replies are ignored.
+    """
+    deadline = time.monotonic() + timeout
+    left = dict(waiting)
+    out: dict[int, Message] = {}
+    while left:
+        for reply in grid.pull_messages(list(left)):
+            cid = left.pop(reply.metadata.reply_to_message_id, None)
+            if cid is not None:
+                out[cid] = reply
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(poll)
+    return out
+
+
+def federated_round(grid: Grid, run: Run, plan: RoundPlan, nodes: NodeDirectory, fingerprint: str,
+                    timeout: float) -> RoundRecord:
+    """One round: a message per sampled client, replies booked, failures logged, then aggregation."""
+    t0 = time.perf_counter()
+    jobs, sent, errors = {}, {}, {}
+    messages: list[Message] = []
+    targets: list[int] = []
+    for cid in plan.sampled:
+        jobs[cid] = job = prepare_client(run, cid, plan.sets[cid], plan.stage, plan.round)
+        node = nodes.node_for(cid)
+        if node is None:
+            errors[cid] = f"no SuperNode serves partition {partition_of(cid, nodes.num_partitions)}"
+            continue
+        content = job_content(job, fingerprint)
+        sent[cid] = content_bytes(content)
+        messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(plan.round)))
+        targets.append(cid)
+    waiting: dict[str, int] = {}
+    for cid, mid in zip(targets, _push(grid, messages, len(targets)), strict=True):
+        if mid:
+            waiting[mid] = cid
+        else:
+            errors[cid] = "the SuperLink did not accept the message"
+    replies = collect_replies(grid, waiting, timeout)
+    records, updates, ok = [], [], {}
+    for cid in plan.sampled:
+        job, error = jobs[cid], errors.get(cid, "")
+        reply = replies.get(cid)
+        if not error and reply is None:
+            error = f"no reply within {timeout:g} s"
+        elif not error and reply is not None and reply.has_error():
+            error = _error_text(reply)
+        result = None
+        if not error and reply is not None:
+            try:
+                result = parse_reply(reply.content)
+                if (result.client_id, result.round) != (cid, plan.round):
+                    raise ValueError(f"reply is for client {result.client_id} round {result.round}")
+            except (KeyError, TypeError, ValueError) as exc:
+                error = f"malformed reply: {exc}"
+        if error or result is None or reply is None:
+            log(WARNING, "[fedmoe] round %s client %s failed: %s", plan.round, cid, error)
+            records.append(failed_record(run, job, error, sent.get(cid, 0)))
+            continue
+        client_reply = reply_from_parts(result.upload, result.metrics, result.p, result.extra_up)
+        rec, upd = finish_client(run, job, client_reply, result.upload, sent[cid], content_bytes(reply.content))
+        records.append(rec)
+        updates.append(upd)
+        ok[cid] = client_reply
+    jobs.clear()
+    rr = close_round(run, plan, records, updates, ok, t0)
+    log(INFO, "[fedmoe] round %s (stage %s): %d/%d clients ok, %.1f s", plan.round, plan.stage, len(ok),
+        len(plan.sampled), rr.wall_time_s)
+    return rr
+
+
+def _push(grid: Grid, messages: list[Message], n: int) -> Iterable[str | None]:
+    if not messages:
+        return []
+    ids = list(grid.push_messages(messages))
+    return ids if len(ids) == n else [None] * n
+
+
+def run_federated(grid: Grid, settings: AppSettings, out: Path) -> dict[str, Any]:
+    """The whole experiment on ``grid``: outputs in ``out``; returns the summary."""
+    t0 = time.perf_counter()
+    cfg = settings.experiment_config()
+    start_outputs(cfg, out)
+    log(INFO, "[fedmoe] experiment %s, outputs in %s", settings.experiment, out)
+    run = Run(cfg, out)
+    nodes = discover_nodes(grid, settings.discovery_timeout)
+    fingerprint = config_fingerprint(cfg)
+    for plan in round_plans(run):
+        federated_round(grid, run, plan, nodes, fingerprint, settings.round_timeout)
+        maybe_checkpoint(run, plan.round)
+    summary = write_outputs(run, t0)
+    log(INFO, "[fedmoe] done: %d rounds, %d failed client turns, scores %s", summary["rounds"],
+        summary["failed_client_turns"], summary["scores"])
+    return summary

@@ -1,0 +1,132 @@
+"""Run config and node config of the Flower apps (light: no torch import, so a SuperNode
+answers identity queries quickly).
+
+Node identity: a SuperNode started with ``--node-config "partition-id=P num-partitions=N"``
+serves the experiment's clients ``c`` with ``c % N == P`` (the Flower simulation engine sets
+both keys itself). With ``N`` equal to ``setting.num_clients`` each node is one client.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, RecordDict
+
+from fedmoe.config import ExperimentConfig, load_config
+from fedmoe.errors import ConfigError
+from fedmoe.flower import keys as K
+
+DEFAULT_EXPERIMENT = "configs/tiny.toml"
+DEFAULT_OUT_DIR = "runs/flower"
+DEFAULT_ROUND_TIMEOUT = 1800.0
+DEFAULT_DISCOVERY_TIMEOUT = 300.0
+
+
+def parse_overrides(text: str) -> list[str]:
+    """``"a.b=1; c.d=x"`` → ``["a.b=1", "c.d=x"]`` (``;`` or newlines separate items)."""
+    items = text.replace("\n", ";").split(";")
+    return [item.strip() for item in items if item.strip()]
+
+
+def parse_faults(text: str) -> frozenset[tuple[int, int]]:
+    """``"2:1,3:4"`` → ``{(2, 1), (3, 4)}``: (round, client id) pairs whose turn raises."""
+    out: set[tuple[int, int]] = set()
+    for item in text.replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            rnd, cid = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise ConfigError(f"`{K.RUN_INJECT_FAULT}` item `{item}` is not ROUND:CLIENT.",
+                              'write it as e.g. inject-fault="2:1".') from None
+        out.add((rnd, cid))
+    return frozenset(out)
+
+
+def resolve_path(path: str) -> Path:
+    """An existing file: ``path`` itself, else relative to the working directory, else to a
+    ``sys.path`` entry (Flower puts the installed app's directory there)."""
+    p = Path(path).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p] + [Path(e) / p for e in sys.path if e]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise ConfigError(f"Experiment config `{path}` not found (looked in the working directory and the app).",
+                      f'pass an absolute path: --run-config "{K.RUN_EXPERIMENT}=\'/path/to/exp.toml\'".')
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The app's run config (``[tool.flwr.app.config]`` plus ``--run-config`` overrides)."""
+
+    experiment: str = DEFAULT_EXPERIMENT
+    overrides: tuple[str, ...] = ()
+    out_dir: str = DEFAULT_OUT_DIR
+    round_timeout: float = DEFAULT_ROUND_TIMEOUT
+    discovery_timeout: float = DEFAULT_DISCOVERY_TIMEOUT
+    faults: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Any]) -> AppSettings:
+        return cls(
+            experiment=str(rc.get(K.RUN_EXPERIMENT, DEFAULT_EXPERIMENT)),
+            overrides=tuple(parse_overrides(str(rc.get(K.RUN_OVERRIDES, "")))),
+            out_dir=str(rc.get(K.RUN_OUT_DIR, DEFAULT_OUT_DIR)),
+            round_timeout=float(rc.get(K.RUN_ROUND_TIMEOUT, DEFAULT_ROUND_TIMEOUT)),
+            discovery_timeout=float(rc.get(K.RUN_DISCOVERY_TIMEOUT, DEFAULT_DISCOVERY_TIMEOUT)),
+            faults=parse_faults(str(rc.get(K.RUN_INJECT_FAULT, ""))),
+        )
+
+    def experiment_config(self, data_dir: str = "") -> ExperimentConfig:
+        """The resolved experiment config; ``data_dir`` (node-local) overrides ``data.data_dir``."""
+        overrides = list(self.overrides)
+        if data_dir:
+            overrides.append(f'data.data_dir="{data_dir}"')
+        return load_config(resolve_path(self.experiment), overrides)
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """Which clients a SuperNode serves, from its ``--node-config``."""
+
+    partition_id: int
+    num_partitions: int
+    data_dir: str = ""
+
+    @classmethod
+    def from_node_config(cls, nc: Mapping[str, Any]) -> NodeIdentity:
+        if K.NODE_PARTITION_ID not in nc or K.NODE_NUM_PARTITIONS not in nc:
+            raise ConfigError(
+                f"SuperNode has no `{K.NODE_PARTITION_ID}` / `{K.NODE_NUM_PARTITIONS}` in its node config.",
+                'start it with --node-config "partition-id=0 num-partitions=2".',
+            )
+        ident = cls(int(nc[K.NODE_PARTITION_ID]), int(nc[K.NODE_NUM_PARTITIONS]), str(nc.get(K.NODE_DATA_DIR, "")))
+        if not 0 <= ident.partition_id < ident.num_partitions:
+            raise ConfigError(f"partition-id={ident.partition_id} is outside 0..num-partitions-1.",
+                              f"use 0 … {ident.num_partitions - 1}.")
+        return ident
+
+    def serves(self, client_id: int) -> bool:
+        return partition_of(client_id, self.num_partitions) == self.partition_id
+
+
+def partition_of(client_id: int, num_partitions: int) -> int:
+    """The partition (SuperNode) that serves client ``client_id``."""
+    return client_id % num_partitions
+
+
+def identity_content(ident: NodeIdentity) -> RecordDict:
+    """A node's answer to the server's identity query."""
+    return RecordDict({K.REC_CONFIG: ConfigRecord({K.CFG_PARTITION_ID: ident.partition_id,
+                                                   K.CFG_NUM_PARTITIONS: ident.num_partitions})})
+
+
+def parse_identity(content: RecordDict) -> tuple[int, int]:
+    """``(partition_id, num_partitions)`` from :func:`identity_content`."""
+    cfg = content[K.REC_CONFIG]
+    return int(cfg[K.CFG_PARTITION_ID]), int(cfg[K.CFG_NUM_PARTITIONS])
