@@ -265,7 +265,62 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         keys, value = parse_override(item)
         _merge(data, keys, value)
-    return _build(ExperimentConfig, data, "", ExperimentConfig)
+    return validate(_build(ExperimentConfig, data, "", ExperimentConfig))
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "train.finetune": ("lora", "full"),
+    "engine.name": ("inprocess", "flower-sim"),
+    "engine.device": ("auto", "cpu", "cuda"),
+}
+# key → (low, high, inclusive-low); values must lie in the range
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "train.lr": (0.0, float("inf"), False),
+    "train.batch_size": (1, float("inf"), True),
+    "train.local_epochs": (1, float("inf"), True),
+    "train.label_smoothing": (0.0, 1.0, True),
+    "train.lora_r": (1, float("inf"), True),
+    "fedmoe.alpha": (0.0, 1.0, False),
+    "fedmoe.patience": (1, float("inf"), True),
+    "fedmoe.top_k_similar": (1, float("inf"), True),
+    "fedmoe.rounds": (0, float("inf"), True),
+    "fedmoe.stage1_rounds": (0, float("inf"), True),
+    "setting.num_clients": (1, float("inf"), True),
+    "setting.clients_per_round": (1, float("inf"), True),
+    "setting.dirichlet_alpha": (0.0, float("inf"), False),
+    "setting.budget_low": (0.0, float("inf"), True),
+    "data.max_seq_len": (8, float("inf"), True),
+    "data.val_fraction": (0.0, 1.0, False),
+    "data.test_fraction": (0.0, 1.0, False),
+}
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Value checks that need no model or data (those are checked where they load)."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"`{key}` = {_get(cfg, key)!r} is not one of {list(choices)}.", f"set --set {key}={choices[0]}.")
+    for key, (lo, hi, inclusive) in _RANGES.items():
+        v = _get(cfg, key)
+        if not ((v >= lo if inclusive else v > lo) and v <= hi):
+            bound = f"{'>=' if inclusive else '>'} {lo}" + (f" and <= {hi}" if hi != float("inf") else "")
+            raise ConfigError(f"`{key}` = {v!r} is out of range.", f"use a value {bound}.")
+    if cfg.setting.budget_high < cfg.setting.budget_low:
+        raise ConfigError(
+            f"setting.budget_high ({cfg.setting.budget_high}) is below setting.budget_low ({cfg.setting.budget_low}).",
+            "make budget_high >= budget_low.",
+        )
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
+        raise ConfigError("data.val_fraction + data.test_fraction must leave a train split (sum < 1).",
+                          "lower one of them, e.g. --set data.test_fraction=0.2.")
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
