@@ -20,8 +20,8 @@ variates that travel both ways (:mod:`fedmoe.algorithms.scaffold`).
 * **Rounds.** ``fedmoe.rounds`` rounds (the same R as FedMoE's stage 2, so comparisons use
   the same number of federated rounds), numbered 0…R−1 and recorded as stage 2; round r
   samples ``run.fed.sample_clients(r, rng_r)`` with the per-round generator
-  ``np.random.default_rng([seed, r, 0])`` (resumable); drawn clients that are excluded are
-  skipped.
+  :meth:`~fedmoe.engine.strategies.base.Strategy.round_rng` (so a resumed run replays
+  exactly); drawn clients that are excluded are skipped.
 * **What travels** (ALGORITHMS.md §1): the trainable tensors (LoRA adapters, router rows,
   heads) down and up every round, base weights once; SCAFFOLD adds ``c`` down and ``Δc_k`` up
   as :class:`~fedmoe.engine.client.ClientPlan` extras, both counted.
@@ -145,14 +145,10 @@ class BaselineStrategy(Strategy):
         return run.cfg.fedmoe.rounds
 
     def plan(self, run: Run, rnd: int) -> RoundPlan:
-        drawn = run.fed.sample_clients(rnd, np.random.default_rng([run.cfg.seed, rnd, 0]))
+        drawn = run.fed.sample_clients(rnd, self.round_rng(run, rnd))
         sampled = [c for c in drawn if c not in self.excluded]
         skipped = {c: self.excluded[c] for c in drawn if c in self.excluded}
         return RoundPlan(rnd, STAGE, sampled, {c: self.full_sets for c in sampled}, skipped)
-
-    def plans(self, run: Run):  # -> Iterator[RoundPlan]; the generator form of the protocol
-        for rnd in range(self.num_rounds(run)):
-            yield self.plan(run, rnd)
 
     # -- aggregation -------------------------------------------------------------------
     def _uploads(self, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> list[fedavg.ClientWeights]:
