@@ -154,6 +154,20 @@ def test_scaffold_client_hook_corrects_gradients_and_reports_variates():
     assert torch.equal(delta["p"], t(0.5, 1.0)) and torch.equal(delta["q"], t(0.0))
 
 
+def test_scaffold_client_leaves_non_parameters_alone():
+    """A key of ``c`` that the loop does not train (a buffer of a full-fine-tuning state): Δc = 0."""
+    p = torch.nn.Parameter(t(1.0))
+    client = scaffold.ScaffoldClient({"p": t(0.5), "buf": t(2.0)}, {"buf": t(3.0)})
+    p.grad = t(1.0)
+    client.before_step({"p": p})
+    assert torch.equal(p.grad, t(1.5))
+    with torch.no_grad():
+        p.sub_(t(0.25))
+    new, delta = client.finish(steps=1, lr=0.5)
+    assert torch.equal(new["buf"], t(3.0)) and torch.equal(delta["buf"], t(0.0))
+    assert torch.equal(new["p"], t(0.0)) and torch.equal(delta["p"], t(0.0))  # 0 − 0.5 + 0.25/0.5
+
+
 # -- randomMoE ------------------------------------------------------------------------------
 def _table() -> MemoryTable:
     eb = np.full((3, 8), 10.0)

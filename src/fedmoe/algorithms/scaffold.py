@@ -160,7 +160,9 @@ class ScaffoldClient:
     ``before_step(named_params)`` (``LocalHooks.before_step``) adds ``c − c_k`` to each
     controlled tensor's gradient, turning ``g`` into ``g − c_k + c``; its first call (first
     local step, before any update) also snapshots ``w_global``. :meth:`finish` then returns
-    ``(c_k⁺, Δc_k)`` from the trained tensors.
+    ``(c_k⁺, Δc_k)`` from the trained tensors. Keys of ``c`` that are not parameters of the
+    loop (e.g. buffers of a full-fine-tuning state) are not trained: their ``c_k`` stays and
+    their ``Δc_k`` is 0.
     """
 
     def __init__(self, c: Mapping[str, Tensor], c_k: Mapping[str, Tensor]) -> None:
@@ -173,8 +175,10 @@ class ScaffoldClient:
     def before_step(self, named_params: Mapping[str, Tensor]) -> None:
         if self.w_global is None:
             self.params = named_params
-            self.w_global = {k: named_params[k].detach().clone() for k in self.c}
-            for k, p in ((k, named_params[k]) for k in self.c):
+            keys = [k for k in self.c if k in named_params]
+            self.w_global = {k: named_params[k].detach().clone() for k in keys}
+            for k in keys:
+                p = named_params[k]
                 self._corr[k] = (self.c[k].to(torch.float64) - self.c_k[k].to(torch.float64)).to(p.device, p.dtype)
         for k, corr in self._corr.items():
             p = named_params[k]
@@ -184,10 +188,13 @@ class ScaffoldClient:
                 p.grad.add_(corr)
 
     def finish(self, steps: int, lr: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """``(c_k⁺, Δc_k)`` on CPU in the controlled tensors' dtypes (``steps`` = 0: unchanged, 0)."""
+        """``(c_k⁺, Δc_k)`` on CPU, in the controlled tensors' dtypes (``steps`` = 0: unchanged, 0)."""
+        new, delta = client_variate_update(self.c_k, self.c, {}, {}, 0, lr)  # the untrained default
         if self.w_global is None or self.params is None or steps == 0:
-            return client_variate_update(self.c_k, self.c, {}, {}, 0, lr)
-        w_local = {k: self.params[k].detach() for k in self.c}
-        c = {k: v.to(self.params[k].dtype) for k, v in self.c.items()}
-        new, delta = client_variate_update(self.c_k, c, self.w_global, w_local, steps, lr)
-        return {k: v.cpu() for k, v in new.items()}, {k: v.cpu() for k, v in delta.items()}
+            return new, delta
+        w_local = {k: self.params[k].detach() for k in self.w_global}
+        c = {k: self.c[k].to(self.params[k].dtype) for k in self.w_global}
+        trained_new, trained_delta = client_variate_update(self.c_k, c, self.w_global, w_local, steps, lr)
+        new.update({k: v.cpu() for k, v in trained_new.items()})
+        delta.update({k: v.cpu() for k, v in trained_delta.items()})
+        return new, delta
