@@ -7,7 +7,8 @@ raises, an error reply with ``CLIENT_APP_RAISED_EXCEPTION``, as ``flwr-clientapp
 serialised back. Messages run synchronously, one at a time, when pushed.
 
 ``dead_nodes``: node ids whose messages get a ``NODE_UNAVAILABLE`` error reply from the
-"SuperLink"; ``silent_nodes``: node ids that never reply (the server's timeout path).
+"SuperLink"; ``dies_after``: node id → number of messages it answers before it is dead
+(a node lost mid-run); ``silent_nodes``: node ids that never reply (the server's timeout path).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ class LocalGrid(Grid):
 
     def __init__(self, client_app: ClientApp, node_configs: Mapping[int, Mapping[str, Any]],
                  run_config: Mapping[str, Any], run_id: int = 1, dead_nodes: Iterable[int] = (),
-                 silent_nodes: Iterable[int] = ()) -> None:
+                 silent_nodes: Iterable[int] = (), dies_after: Mapping[int, int] | None = None) -> None:
         self.client_app = client_app
         self.node_configs = {n: dict(c) for n, c in node_configs.items()}
         self.run_config = dict(run_config)
         self.dead_nodes, self.silent_nodes = set(dead_nodes), set(silent_nodes)
+        self.dies_after = dict(dies_after or {})
+        self.answered = dict.fromkeys(self.node_configs, 0)
         self.states = {n: RecordDict() for n in self.node_configs}
         self._run = FlowerRun.create_empty(run_id)
         self._replies: dict[str, Message] = {}
@@ -72,6 +75,8 @@ class LocalGrid(Grid):
             node = msg.metadata.dst_node_id
             if node in self.silent_nodes:
                 continue
+            if node in self.dies_after and self.answered.get(node, 0) >= self.dies_after[node]:
+                self.dead_nodes.add(node)
             if node in self.dead_nodes or node not in self.node_configs:
                 self._replies[mid] = Message(Error(NODE_UNAVAILABLE, "node unavailable"), reply_to=msg)
                 continue
@@ -85,6 +90,7 @@ class LocalGrid(Grid):
                 reason = f"{type(exc)}:<'{exc}'>\n{traceback.format_exc(limit=3)}"
                 reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=incoming)
             self._replies[mid] = reply
+            self.answered[node] += 1
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
