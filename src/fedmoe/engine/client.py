@@ -41,11 +41,17 @@ class ClientPlan:
     ``extra_down``: tensors sent besides the trainable state (e.g. SCAFFOLD's variates);
     ``hooks(extra_down)``: local-loop hooks; ``extra_up(model, extra_down, result)``:
     tensors sent back besides the trainable state. All extras cross as bytes and count.
+    ``setup_down_bytes`` / ``setup_up_bytes`` / ``setup_base_bytes``: sizes of messages the
+    strategy already exchanged with this client for this turn before it (e.g. HFedMoE's
+    expert-selection pass), serialised and measured by the strategy; added to the turn's record.
     """
 
     extra_down: dict[str, torch.Tensor] | None = None
     hooks: Any = None
     extra_up: Any = None
+    setup_down_bytes: int = 0
+    setup_up_bytes: int = 0
+    setup_base_bytes: int = 0
 
 
 @dataclass
@@ -92,7 +98,7 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
         res: LocalResult = local_train(model, ctx.family, ctx.kind, task, list(client.train), ctx.tokenizer,
                                        ctx.cfg.train, ctx.cfg.data, ctx.device, seed, hooks)
         extra_up = plan.extra_up(model, extra_down, res) if plan.extra_up else None
-        inner = model.base_model.model if hasattr(model, "base_model") else model
+        inner = model.base_model.model if hasattr(model, "peft_config") else model
         with RoutingStats(inner, ctx.family) as stats:
             stats.token_masks = []
             scores = _validate(ctx, model, task, client, stats)
