@@ -135,6 +135,32 @@ class BaselineConfig:
 
 
 @dataclass
+class HFedMoEConfig:
+    """HFedMoE (ALGORITHMS.md §3); it trains for ``fedmoe.rounds`` rounds like the other algorithms."""
+
+    #: λ of s(e) = λ·s_cumul(e) + (1−λ)·s_spec(e) (§3.2 choice)
+    lam: float = 0.5
+    #: β of I(e) = s(e) − β·KL_e (§3.3 choice)
+    beta: float = 0.1
+    #: τ of the sparsity-aware aggregation (§3.5 choice); < 0 = 1/(2·E_i) for MoE layer i
+    tau: float = -1.0
+    #: safety factor on M_k when deriving C_k, the experts per layer a client trains (§3.1 choice)
+    alpha: float = 1.0
+    #: training examples a client scores its experts on before each turn (0 = its whole train split)
+    max_score_examples: int = 0
+
+
+@dataclass
+class FlexConfig:
+    """FLEx (ALGORITHMS.md §4); it trains for ``fedmoe.rounds`` rounds like the other algorithms."""
+
+    #: b_side of the side gate σ(w_side·x + b_side) at grafting (§4.2 choice; w_side starts at 0)
+    gate_bias: float = -4.0
+    #: training examples a client picks its personalised experts e* on (0 = its whole train split)
+    max_choice_examples: int = 0
+
+
+@dataclass
 class EngineConfig:
     #: "inprocess" (default) or "flower-sim"
     name: str = "inprocess"
@@ -158,6 +184,8 @@ class ExperimentConfig:
     fedmoe: FedMoEConfig = field(default_factory=FedMoEConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    hfedmoe: HFedMoEConfig = field(default_factory=HFedMoEConfig)
+    flex: FlexConfig = field(default_factory=FlexConfig)
 
 
 # ---------------------------------------------------------------------------------------

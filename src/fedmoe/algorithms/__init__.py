@@ -20,9 +20,11 @@ ALGORITHMS: dict[str, str] = {
     "fedprox": "fedmoe.algorithms.fedprox",
     "scaffold": "fedmoe.algorithms.scaffold",
     "random_moe": "fedmoe.algorithms.random_moe",
+    "hfedmoe": "fedmoe.algorithms.hfedmoe",
+    "flex": "fedmoe.algorithms.flex",
 }
 
-PLANNED: tuple[str, ...] = ("hfedmoe", "flex")
+PLANNED: tuple[str, ...] = ()
 
 
 def get_algorithm(name: str) -> ModuleType:

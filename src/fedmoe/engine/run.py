@@ -19,7 +19,7 @@ from fedmoe.config import ExperimentConfig, dump_toml
 from fedmoe.data.settings import build_federation
 from fedmoe.engine.budget import MemoryPlan, plan_memory
 from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from fedmoe.engine.client import ClientContext, run_client
+from fedmoe.engine.client import ClientContext, ClientPlan, run_client
 from fedmoe.engine.payload import from_bytes, to_bytes
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.strategies import get_strategy
@@ -50,13 +50,24 @@ class Run:
         self.plan: MemoryPlan = plan_memory(self.base, self.family, cfg, sorted(self.clients))
         for c in self.fed.clients:
             c.budget_bytes = int(self.plan.table.budgets[c.client_id])
-        t = cfg.train
-        self.trainables = Trainables.create(self.base, self.family, t.finetune, t.lora_r, t.lora_alpha,
-                                            t.lora_dropout, cfg.seed)
-        self.base_layout = layout_of(self.base, self.family)
-        self.cache: dict[int, set] = {}  # client → base units (and "dense") it already holds
+        self.use_model(self.base)
         self.rounds: list[RoundRecord] = []
         self.strategy.setup(self)
+
+    def use_model(self, model: Any, plan: MemoryPlan | None = None) -> None:
+        """Make ``model`` the global model: every field that depends on it is rebuilt here
+        (frozen base, fresh trainable state seeded as usual, layout, client caches, and the
+        memory plan when given)."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        t = self.cfg.train
+        self.base = model
+        self.trainables = Trainables.create(model, self.family, t.finetune, t.lora_r, t.lora_alpha,
+                                            t.lora_dropout, self.cfg.seed)
+        self.base_layout = layout_of(model, self.family)
+        self.cache: dict[int, set] = {}  # client → base units (and "dense") it already holds
+        if plan is not None:
+            self.plan = plan
 
     # -- one client ------------------------------------------------------------------
     def _base_bytes(self, cid: int, kept: list[list[int]]) -> int:
@@ -79,17 +90,20 @@ class Run:
         client = self.clients[cid]
         sub = extract(self.base, kept, self.family)
         base_bytes = self._base_bytes(cid, kept)
-        template = self.trainables.wrap(extract(self.base, kept, self.family))
-        download = to_bytes(self.trainables.for_client(template, sub.expert_map, client.task))
+        trainables = self.strategy.client_trainables(self, cid, rnd)
+        template = trainables.wrap(extract(self.base, kept, self.family))
+        download = to_bytes(trainables.for_client(template, sub.expert_map, client.task))
         seed = self.cfg.seed * 100_003 + rnd * 1_009 + cid
         cplan = self.strategy.client_plan(self, cid, kept)
-        reply, model = run_client(self.ctx, client, sub, self.trainables, download, seed, self._measure, cplan)
-        update = self.trainables.to_update(cid, len(client.train), model, sub.expert_map, from_bytes(reply.upload),
-                                           client.task)
+        reply, model = run_client(self.ctx, client, sub, trainables, download, seed, self._measure, cplan)
+        update = trainables.to_update(cid, len(client.train), model, sub.expert_map, from_bytes(reply.upload),
+                                      client.task)
+        setup = cplan or ClientPlan()
         record = ClientRecord(
             client_id=cid, task=client.task, stage=stage, loss=reply.loss, score=reply.score,
-            num_examples=len(client.train), bytes_down_base=base_bytes,
-            bytes_down=len(download) + reply.extra_down_bytes, bytes_up=len(reply.upload) + reply.extra_up_bytes,
+            num_examples=len(client.train), bytes_down_base=base_bytes + setup.setup_base_bytes,
+            bytes_down=len(download) + reply.extra_down_bytes + setup.setup_down_bytes,
+            bytes_up=len(reply.upload) + reply.extra_up_bytes + setup.setup_up_bytes,
             peak_memory_bytes=reply.peak_memory_bytes, predicted_memory_bytes=int(self.plan.submodel_bytes(kept)),
             budget_bytes=int(client.budget_bytes or 0), num_experts=sum(len(k) for k in kept), steps=reply.steps,
         )
@@ -134,8 +148,9 @@ class Run:
         for cid, kept in self.strategy.final_sets(self).items():
             client = self.clients[cid]
             sub = extract(self.base, kept, self.family)
-            model = self.trainables.wrap(sub).to(self.device)
-            self.trainables.load(model, self.trainables.for_client(model, sub.expert_map, client.task))
+            trainables = self.strategy.client_trainables(self, cid, None)
+            model = trainables.wrap(sub).to(self.device)
+            trainables.load(model, trainables.for_client(model, sub.expert_map, client.task))
             scores = evaluate(model, self.kind, self.fed.tasks[client.task], list(client.test), self.tokenizer,
                               self.cfg.data, self.device, self.cfg.train.eval_batch_size)
             per_task.setdefault(client.task, []).append((len(client.test), scores))

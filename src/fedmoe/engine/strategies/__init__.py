@@ -11,6 +11,8 @@ import difflib
 from fedmoe.engine.strategies.base import Strategy
 from fedmoe.engine.strategies.baselines import FedAvgStrategy, FedProxStrategy, ScaffoldStrategy
 from fedmoe.engine.strategies.fedmoe import FedMoEStrategy
+from fedmoe.engine.strategies.flex import FlexStrategy
+from fedmoe.engine.strategies.hfedmoe import HFedMoEStrategy
 from fedmoe.errors import ConfigError
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -19,6 +21,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvgStrategy,  # dense-sharing baselines (ALGORITHMS.md §2)
     "fedprox": FedProxStrategy,
     "scaffold": ScaffoldStrategy,
+    "hfedmoe": HFedMoEStrategy,  # budget-aware selection + sparsity-aware aggregation (ALGORITHMS.md §3)
+    "flex": FlexStrategy,  # personalised grafted side experts (ALGORITHMS.md §4)
 }
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from fedmoe.core.aggregation import ClientUpdate, modular_aggregate
 from fedmoe.engine.client import ClientPlan, ClientReply
+from fedmoe.engine.trainables import Trainables
 
 if TYPE_CHECKING:
     from fedmoe.engine.run import Run
@@ -52,6 +53,14 @@ class Strategy:
 
     def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan | None:
         return None
+
+    def client_trainables(self, run: Run, cid: int, rnd: int | None) -> Trainables:
+        """How client ``cid`` wraps its sub-MoE and what travels, in round ``rnd`` (None: final evaluation).
+
+        Default: the run's :class:`~fedmoe.engine.trainables.Trainables`. A strategy returns its own
+        (sub)class to change what trains, what is sent and what stays on the client (FLEx).
+        """
+        return run.trainables
 
     def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
         run.trainables.state = modular_aggregate(run.trainables.state, run.trainables.layout, updates)

@@ -1,0 +1,254 @@
+"""FLEx on the engine: one personalised side expert per client and MoE layer (ALGORITHMS.md §4).
+
+The pure steps live in :mod:`fedmoe.algorithms.flex` (shared/personal split, FedAvg of the
+shared tensors, server bookkeeping) and :mod:`fedmoe.moe.graft` (choosing e*, grafting).
+
+* **What trains and travels.** Every client holds the *whole* pretrained MoE, frozen (experts
+  and routers included); LoRA adapters on attention only (plus task heads, if the family has
+  them) are the *shared* tensors: they go down and up every round and are FedAvg'd with the
+  |D_c| weights (:func:`fedmoe.algorithms.flex.aggregate`). The grafted side experts and side
+  gates are *personal*: trained in full, never sent; the server's global trainable state holds
+  no side tensor. The full MoE's base weights cross the wire once (counted in
+  ``bytes_down_base``), as for every algorithm.
+* **First participation (§4.1–4.2).** With the global shared tensors loaded, the client picks
+  e* per MoE layer on its train split (first ``flex.max_choice_examples``; 0 = all) with
+  :func:`~fedmoe.moe.graft.choose_personal_experts`, grafts copies of them with
+  :func:`~fedmoe.moe.graft.graft_side_experts` (gate bias ``flex.gate_bias``), and sends e* up
+  once (an ``int64`` tensor, counted in that turn's ``bytes_up``) for the server's bookkeeping
+  (:func:`~fedmoe.algorithms.flex.record_choice`).
+* **Personal state (§4.3)** lives on the client: ``<out>/clients/<cid>/side-r<round>.safetensors``
+  (side tensors; e* and the round in the metadata), written at the end of each turn and restored
+  at the start of the next one — a turn in round r restores the newest file of a round < r, so a
+  run resumed from a checkpoint replays exactly; after saving, files older than the restored one
+  (and stale ones from rounds ≥ r of an interrupted run) are removed. With
+  ``engine.checkpoint_every`` > 1 a client taking part twice between checkpoints can lose the
+  file a replay would need (it then restores an older one).
+* **Rounds.** ``fedmoe.rounds`` rounds recorded as stage 2, sampled like the baselines. Budgets
+  are not enforced (the paper's FLEx has none): each client's ``predicted_memory_bytes`` is the
+  full MoE's, reported against its budget.
+* **Final evaluation.** Each client on the full MoE with the final shared tensors and its own
+  side experts (a client that never took part chooses e* then and uses the untrained copies).
+* ``train.finetune`` must be ``lora``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from fedmoe.algorithms import flex as algo
+from fedmoe.core.aggregation import ClientUpdate
+from fedmoe.core.layout import UnitLayout
+from fedmoe.data.settings import ClientData
+from fedmoe.engine.client import ClientContext, ClientPlan, ClientReply
+from fedmoe.engine.strategies.base import RoundPlan, Strategy
+from fedmoe.engine.strategies.hfedmoe import client_batches
+from fedmoe.engine.trainables import HEAD_TASKS, Trainables, _other_heads
+from fedmoe.errors import ConfigError
+from fedmoe.moe.families import MoEFamily
+from fedmoe.moe.graft import choose_personal_experts, graft_side_experts, mark_side_trainable, side_parameters
+from fedmoe.moe.lora import HEAD_PATTERNS, load_trainable_state, trainable_state
+from fedmoe.moe.slicing import ExpertMap, SubMoE
+from fedmoe.train.loop import forward_context
+
+if TYPE_CHECKING:
+    from fedmoe.engine.run import Run
+
+#: stage number of the rounds in ``rounds.jsonl`` (federated training, as the baselines)
+STAGE = 2
+#: key of the e* tensor a client sends on its first participation
+CHOICE_KEY = "flex.personal_experts"
+_PEFT_PREFIX = "base_model.model."
+
+
+def attention_lora(model: nn.Module, r: int, alpha: int, dropout: float, family: MoEFamily) -> nn.Module:
+    """LoRA on the attention projections only; task heads trainable; everything else (experts, routers) frozen."""
+    attn = "|".join(re.escape(n) for n in family.attention_modules)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=rf".*\.({attn})$", bias="none")
+    pm = get_peft_model(model, cfg)
+    for name, p in pm.base_model.model.named_parameters():
+        if any(f"{h}." in name or name.startswith(h) for h in HEAD_PATTERNS):
+            p.requires_grad_(True)
+    return pm
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.base_model.model if hasattr(model, "base_model") else model
+
+
+class FlexTrainables(Trainables):
+    """Server view: the global state is the shared tensors only (attention LoRA + heads), all dense."""
+
+    @classmethod
+    def create_shared(cls, base: nn.Module, family: MoEFamily, r: int, alpha: int, dropout: float,
+                      seed: int) -> FlexTrainables:
+        torch.manual_seed(seed)
+        pm = attention_lora(copy.deepcopy(base), r, alpha, dropout, family)
+        state = {k: v.clone() for k, v in trainable_state(pm).items()}
+        if any(algo.is_personal(k) for k in state):
+            raise ConfigError("The model already has side-expert tensors.", "start FLEx from a pretrained MoE.")
+        return cls(family, "lora", r, alpha, dropout, state, UnitLayout(dense_keys=list(state)))
+
+    def wrap(self, sub: SubMoE) -> nn.Module:
+        return attention_lora(sub.model, self.lora_r, self.lora_alpha, self.lora_dropout, self.family)
+
+    def client_layout(self, model: nn.Module, expert_map: ExpertMap) -> UnitLayout:
+        return UnitLayout(dense_keys=[k for k in trainable_state(model) if not algo.is_personal(k)])
+
+    def upload_state(self, model: nn.Module, task: str) -> dict[str, torch.Tensor]:
+        shared, _ = algo.split_state(trainable_state(model))
+        return {k: v for k, v in shared.items() if not _other_heads(k, task)}
+
+
+class FlexClientTrainables(FlexTrainables):
+    """One client's view: grafts its side experts when loading, keeps them on its own disk."""
+
+    def bind(self, ctx: ClientContext, client: ClientData, folder: Path, rnd: int | None, gate_bias: float,
+             max_examples: int) -> FlexClientTrainables:
+        self.ctx, self.client, self.folder, self.rnd = ctx, client, folder, rnd
+        self.gate_bias, self.max_examples = gate_bias, max_examples
+        self.restored: int | None = None  #: round of the personal file restored this turn
+        return self
+
+    # -- personal files --------------------------------------------------------------------
+    def _files(self) -> list[tuple[int, Path]]:
+        if not self.folder.is_dir():
+            return []
+        return sorted((int(p.stem.split("-r", 1)[1]), p) for p in self.folder.glob("side-r*.safetensors"))
+
+    def saved(self) -> tuple[int, list[int], dict[str, torch.Tensor]] | None:
+        """``(round, e*, side tensors)`` of the newest personal file before this turn's round, if any."""
+        files = [(r, p) for r, p in self._files() if self.rnd is None or r < self.rnd]
+        if not files:
+            return None
+        r, path = files[-1]
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        return r, [int(e) for e in json.loads(meta["personal_experts"])], tensors
+
+    def _save(self, chosen: list[int], personal: dict[str, torch.Tensor]) -> None:
+        rnd = -1 if self.rnd is None else self.rnd
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"side-r{rnd:05d}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in personal.items()}, str(tmp),
+                  metadata={"personal_experts": json.dumps(chosen), "round": str(rnd), "client_id": str(self.client.client_id)})
+        os.replace(tmp, path)
+        for r, p in self._files():  # the restored file is the only older one a replay of this round needs
+            if r not in (rnd, self.restored):
+                p.unlink(missing_ok=True)
+
+    # -- client side -----------------------------------------------------------------------
+    def load(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Shared tensors from the server, then e* + side experts (restored, or chosen and grafted now)."""
+        if side_parameters(model):
+            raise ConfigError("FLEx: the model is already grafted.", "load into a freshly wrapped model.")
+        load_trainable_state(model, state, allow_missing=tuple(f"{t}_head." for t in HEAD_TASKS))
+        inner = _inner(model)
+        saved = self.saved()
+        if saved is None:
+            with forward_context(self.ctx.device):
+                chosen = choose_personal_experts(inner, self.family, client_batches(self.ctx, self.client,
+                                                                                    self.max_examples))
+        else:
+            self.restored, chosen, personal = saved
+        graft_side_experts(inner, self.family, chosen, gate_bias=self.gate_bias, freeze_block=True)
+        mark_side_trainable(model)
+        if saved is not None:
+            params = {(n[len(_PEFT_PREFIX):] if n.startswith(_PEFT_PREFIX) else n): p
+                      for n, p in side_parameters(model).items()}
+            if set(params) != set(personal):
+                raise ConfigError(f"FLEx: client {self.client.client_id}'s personal file does not match its model.",
+                                  f"delete {self.folder} to start its side experts afresh.")
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(personal[k])
+        self.chosen = list(chosen)
+
+    def upload_state(self, model: nn.Module, task: str) -> dict[str, torch.Tensor]:
+        """Shared tensors only; the personal ones are written to the client's folder."""
+        shared, personal = algo.split_state(trainable_state(model))
+        self._save(self.chosen, personal)
+        return {k: v for k, v in shared.items() if not _other_heads(k, task)}
+
+
+def chosen_experts(model: nn.Module, family: MoEFamily) -> list[int]:
+    """e* per MoE layer of a grafted (wrapped) model."""
+    inner = _inner(model)
+    return [int(inner.get_submodule(b.path).side_expert.source_expert) for b in family.blocks(inner)]
+
+
+class FlexStrategy(Strategy):
+    """FLEx (2025) on the in-process engine; see the module docstring."""
+
+    def setup(self, run: Run) -> None:
+        t = run.cfg.train
+        if t.finetune != "lora":
+            raise ConfigError(f"FLEx trains attention LoRA + side experts; train.finetune = {t.finetune!r}.",
+                              "set train.finetune=lora.")
+        if run.cfg.flex.max_choice_examples < 0:
+            raise ConfigError(f"flex.max_choice_examples = {run.cfg.flex.max_choice_examples} is negative.",
+                              "use 0 (the whole train split) or a positive count.")
+        run.trainables = FlexTrainables.create_shared(run.base, run.family, t.lora_r, t.lora_alpha, t.lora_dropout,
+                                                      run.cfg.seed)
+        self.state = algo.init_state(run.trainables.state)
+        self.full = [list(range(n)) for n in run.plan.num_experts]
+
+    def num_rounds(self, run: Run) -> int:
+        return run.cfg.fedmoe.rounds
+
+    def plan(self, run: Run, rnd: int) -> RoundPlan:
+        sampled = run.fed.sample_clients(rnd, self.round_rng(run, rnd))
+        return RoundPlan(rnd, STAGE, sampled, {c: self.full for c in sampled})
+
+    def client_folder(self, run: Run, cid: int) -> Path:
+        return run.out / "clients" / f"{cid}"
+
+    def client_trainables(self, run: Run, cid: int, rnd: int | None) -> Trainables:
+        g = run.trainables
+        tr = FlexClientTrainables(g.family, g.finetune, g.lora_r, g.lora_alpha, g.lora_dropout, g.state, g.layout)
+        return tr.bind(run.ctx, run.clients[cid], self.client_folder(run, cid), rnd, run.cfg.flex.gate_bias,
+                       run.cfg.flex.max_choice_examples)
+
+    def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan | None:
+        if cid in self.state.personal_experts:
+            return None
+
+        def extra_up(model: nn.Module, extra_down: dict[str, torch.Tensor], res: Any) -> dict[str, torch.Tensor]:
+            return {CHOICE_KEY: torch.tensor(chosen_experts(model, run.family), dtype=torch.int64)}
+
+        return ClientPlan(extra_up=extra_up)
+
+    def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
+        state = self.state
+        for u in updates:
+            extra = replies[u.client_id].extra or {}
+            if CHOICE_KEY in extra:
+                state = algo.record_choice(state, u.client_id, [int(e) for e in extra[CHOICE_KEY].tolist()])
+        self.state = algo.aggregate(state, updates)
+        run.trainables.state = dict(self.state.shared)
+
+    def final_sets(self, run: Run) -> dict[int, list[list[int]]]:
+        return {cid: self.full for cid in sorted(run.clients)}
+
+    def summary_extras(self) -> dict[str, Any]:
+        n = float(sum(len(s) for s in self.full))
+        return {"experts_start": {"mean": n, "min": n, "max": n},
+                "flex_personal_experts": {str(k): v for k, v in sorted(self.state.personal_experts.items())}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state["state"]
