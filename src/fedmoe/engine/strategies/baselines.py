@@ -42,9 +42,9 @@ from fedmoe.engine.budget import MemoryPlan
 from fedmoe.engine.client import ClientPlan, ClientReply
 from fedmoe.engine.payload import from_bytes
 from fedmoe.engine.strategies.base import RoundPlan, Strategy
-from fedmoe.engine.trainables import HEAD_TASKS, Trainables
+from fedmoe.engine.trainables import HEAD_TASKS
 from fedmoe.errors import BudgetError, ConfigError
-from fedmoe.moe.slicing import extract, layout_of
+from fedmoe.moe.slicing import extract
 from fedmoe.train.loop import LocalHooks, LocalResult
 
 if TYPE_CHECKING:
@@ -88,21 +88,13 @@ def use_global_model(run: Run, model: nn.Module, counts: list[int]) -> None:
     it), ``base_layout``, the base-weight caches, and ``plan``: the run's memory table
     restricted to the kept experts, with the clients' budgets unchanged.
     """
-    for p in model.parameters():
-        p.requires_grad_(False)
-    t = run.cfg.train
     old = run.plan
-    run.base = model
-    run.trainables = Trainables.create(model, run.family, t.finetune, t.lora_r, t.lora_alpha, t.lora_dropout,
-                                       run.cfg.seed)
-    run.base_layout = layout_of(model, run.family)
-    run.cache = {}
     width = max(counts)
     eb = np.zeros((len(counts), width), dtype=np.float64)
     for i, n in enumerate(counts):
         eb[i, :n] = old.table.expert_bytes[i, :n]
     table = MemoryTable(float(old.table.dense_bytes), eb, dict(old.table.budgets))
-    run.plan = MemoryPlan(table, float(table.dense_bytes + eb.sum()), list(counts))
+    run.use_model(model, MemoryPlan(table, float(table.dense_bytes + eb.sum()), list(counts)))
 
 
 def client_keys(state: dict[str, torch.Tensor], task: str) -> list[str]:
