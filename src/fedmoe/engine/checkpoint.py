@@ -60,7 +60,8 @@ def save_checkpoint(run: Run, rnd: int, keep: int = 2) -> Path:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, d / "trainable.safetensors")
-    state = {"round": rnd, "strategy": run.strategy.state_dict(), "cache": run.cache, "rounds": run.rounds}
+    state = {"round": rnd, "strategy": run.strategy.state_dict(), "cache": run.cache, "rounds": run.rounds,
+             "latest_p": run.latest_p, "p_snapshots": run.p_snapshots}
     _fsync_write(d / "state.pkl", pickle.dumps(state))
     manifest = {"format": FORMAT, "round": rnd, "algorithm": run.cfg.algorithm, "model": run.cfg.model.name,
                 "seed": run.cfg.seed, "files": {n: _sha(d / n) for n in ("trainable.safetensors", "state.pkl")}}
@@ -102,4 +103,6 @@ def load_checkpoint(run: Run, d: Path) -> int:
     run.strategy.load_state_dict(state["strategy"])
     run.cache = state["cache"]
     run.rounds = state["rounds"]
+    run.latest_p = state.get("latest_p", {})
+    run.p_snapshots = state.get("p_snapshots", {})
     return int(state["round"])

@@ -52,6 +52,8 @@ class Run:
             c.budget_bytes = int(self.plan.table.budgets[c.client_id])
         self.use_model(self.base)
         self.rounds: list[RoundRecord] = []
+        self.latest_p: dict[int, np.ndarray] = {}  # client → p of its latest participation
+        self.p_snapshots: dict[str, dict[str, list]] = {}  # "after_stage1" / "end" → task → mean p
         self.strategy.setup(self)
 
     def use_model(self, model: Any, plan: MemoryPlan | None = None) -> None:
@@ -116,7 +118,18 @@ class Run:
 
         return measure_peak(fn)
 
+    def p_by_task(self) -> dict[str, list]:
+        """Mean activation probabilities per task over clients' latest reports (Figure 1)."""
+        out: dict[str, list] = {}
+        for task in sorted({c.task for c in self.fed.clients}):
+            ps = [p for cid, p in self.latest_p.items() if self.clients[cid].task == task]
+            if ps:
+                out[task] = np.mean(ps, axis=0).tolist()
+        return out
+
     def round(self, plan: RoundPlan) -> RoundRecord:
+        if plan.stage == 2 and "after_stage1" not in self.p_snapshots and self.latest_p:
+            self.p_snapshots["after_stage1"] = self.p_by_task()
         t0 = time.perf_counter()
         records, updates, replies = [], [], {}
         for cid in plan.sampled:
@@ -124,6 +137,7 @@ class Run:
             records.append(rec)
             updates.append(upd)
             replies[cid] = reply
+            self.latest_p[cid] = reply.p
             if self.progress:
                 self.progress(plan.round, plan.stage, cid, rec)
         if updates:
@@ -212,5 +226,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = N
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
     (out / "expert_map.json").write_text(json.dumps(
         {str(k): v for k, v in run.strategy.final_sets(run).items()}, indent=1))
+    run.p_snapshots["end"] = run.p_by_task()
+    (out / "p_by_task.json").write_text(json.dumps(run.p_snapshots))
     save_file({k: v.contiguous() for k, v in run.trainables.state.items()}, str(out / "global_trainable.safetensors"))
     return summary
