@@ -138,5 +138,27 @@ def describe(
         _fail(exc)
 
 
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories, or folders holding them (searched recursively)")],
+    out: Annotated[Path, typer.Option("--out", help="output directory for report.md, report.json, figures/")] = Path(
+        "runs/report"),
+    final_window: Annotated[int, typer.Option("--final-window", help="points averaged for a curve's final score")] = 1,
+    reference: Annotated[str, typer.Option("--reference", help="method whose convergence speed-up is reported")] = "fedmoe",
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="write PNG figures (needs matplotlib)")] = True,
+) -> None:
+    """Tables 1–2, convergence speed-ups, CVI and figures from finished run directories."""
+    from fedmoe.report import build_report
+
+    try:
+        rep = build_report(run_dirs, out, window=final_window, reference=reference, figures=figures)
+    except FedMoEError as exc:
+        _fail(exc)
+        return
+    for note in rep.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"wrote {rep.markdown}, {rep.json} and {len(rep.figures)} figure(s) under {out / 'figures'}")
+
+
 if __name__ == "__main__":
     app()
