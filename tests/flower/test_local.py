@@ -156,3 +156,19 @@ def test_node_refuses_foreign_clients_and_other_configs(shared_data):
         handle_train(job_content(job, "x"), rc, {"partition-id": 0, "num-partitions": 2})
     with pytest.raises(ConfigError, match="differs"):
         handle_train(job_content(job, "x"), rc, {"partition-id": 1, "num-partitions": 2})
+
+
+def test_refresh_follows_restarted_and_lost_nodes():
+    from fedmoe.flower.server_app import refresh_nodes
+
+    grid = LocalGrid(client_app, node_configs(3, first_node_id=7), {})
+    d = discover_nodes(grid, timeout=2.0, poll=0.05)
+    assert refresh_nodes(grid, d, timeout=1.0, poll=0.05) is d  # nothing changed: no queries
+    grid.node_configs[20] = grid.node_configs.pop(8)  # node 8 restarted as node 20
+    grid.states[20] = RecordDict()
+    grid.answered[20] = 0
+    d = refresh_nodes(grid, d, timeout=2.0, poll=0.05)
+    assert d.nodes == {0: 7, 1: 20, 2: 9}
+    del grid.node_configs[9]  # lost for good
+    d = refresh_nodes(grid, d, timeout=0.2, poll=0.05)
+    assert d.nodes == {0: 7, 1: 20} and d.missing() == [2]

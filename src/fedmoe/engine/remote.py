@@ -73,6 +73,19 @@ def config_fingerprint(cfg: ExperimentConfig, ignore: tuple[str, ...] = ("data.d
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's structure (state keys, shapes, dtypes): a node's base model must
+    match the server's (a strategy may replace the global model, e.g. with fewer experts)."""
+    text = "\n".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in model.state_dict().items())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def deployment_fingerprint(cfg: ExperimentConfig, base: nn.Module) -> str:
+    """What server and node must agree on: the resolved config (node-local keys left out) and
+    the base model's structure."""
+    return hashlib.sha256(f"{config_fingerprint(cfg)}/{model_fingerprint(base)}".encode()).hexdigest()
+
+
 def client_seed(cfg: ExperimentConfig, rnd: int, cid: int) -> int:
     """The local-training seed of client ``cid`` in round ``rnd`` (as in ``Run._client``)."""
     return cfg.seed * 100_003 + rnd * 1_009 + cid
@@ -102,18 +115,28 @@ class ClientJob:
     extra_down: dict[str, torch.Tensor] = field(default_factory=dict)
     #: server-side wrapped sub-MoE: the layout the reply is read with (never trained)
     template: nn.Module | None = None
+    #: how the client wraps its sub-MoE (``Strategy.client_trainables``)
+    trainables: Trainables | None = None
+    #: modelled setup traffic the strategy reports (``ClientPlan.setup_*_bytes``): down, up, base
+    setup_bytes: tuple[int, int, int] = (0, 0, 0)
 
 
 def prepare_client(run: Run, cid: int, kept: list[list[int]], stage: int, rnd: int) -> ClientJob:
     """First half of ``Run._client``: what to send client ``cid`` this round.
 
-    Raises :class:`ConfigError` when the strategy needs client-side hooks (a
-    ``ClientPlan`` with ``hooks`` / ``extra_up`` callables), which cannot cross a network.
+    Raises :class:`ConfigError` when the strategy needs client-side code a node does not
+    have: hooks (a ``ClientPlan`` with ``hooks`` / ``extra_up`` callables, which cannot cross
+    a network) or its own ``Trainables`` class (client state kept between rounds).
     """
     client = run.clients[cid]
+    trainables = run.strategy.client_trainables(run, cid, rnd)
+    if type(trainables) is not Trainables:
+        raise ConfigError(
+            f"Algorithm `{run.cfg.algorithm}` uses its own client trainables ({type(trainables).__name__}), "
+            "which remote nodes do not have.", "run it with the in-process engine (`fedmoe run`).")
     sub = extract(run.base, kept, run.family)
-    template = run.trainables.wrap(sub)
-    download = run.trainables.for_client(template, sub.expert_map, client.task)
+    template = trainables.wrap(sub)
+    download = trainables.for_client(template, sub.expert_map, client.task)
     cplan = run.strategy.client_plan(run, cid, kept)
     if cplan is not None and (cplan.hooks is not None or cplan.extra_up is not None):
         raise ConfigError(
@@ -121,8 +144,9 @@ def prepare_client(run: Run, cid: int, kept: list[list[int]], stage: int, rnd: i
             "run it with the in-process engine (`fedmoe run`), or give its strategy a node-side plan.",
         )
     extra = {k: v.detach().cpu() for k, v in (cplan.extra_down or {}).items()} if cplan else {}
+    setup = (cplan.setup_down_bytes, cplan.setup_up_bytes, cplan.setup_base_bytes) if cplan else (0, 0, 0)
     return ClientJob(cid, client.task, stage, rnd, client_seed(run.cfg, rnd, cid), [list(k) for k in kept],
-                     sub.expert_map, download, extra, template)
+                     sub.expert_map, download, extra, template, trainables, setup)
 
 
 def reply_from_parts(upload: dict[str, torch.Tensor], metrics: dict[str, float], p: np.ndarray,
@@ -140,14 +164,17 @@ def finish_client(run: Run, job: ClientJob, reply: ClientReply, upload: dict[str
     """Second half of ``Run._client``: the client's update and its record.
 
     ``bytes_down`` / ``bytes_up`` are the sizes of what actually crossed the network
-    (the engine measures its own messages); ``bytes_down_base`` the base weights sent.
+    (the engine measures its own messages); ``bytes_down_base`` the base weights sent. The
+    strategy's modelled setup traffic (``ClientPlan.setup_*_bytes``) is added, as in-process.
     """
     client = run.clients[job.client_id]
-    assert job.template is not None, "finish_client needs the job's template"
-    update = run.trainables.to_update(job.client_id, len(client.train), job.template, job.expert_map, upload,
+    assert job.template is not None and job.trainables is not None, "finish_client needs a prepared job"
+    update = job.trainables.to_update(job.client_id, len(client.train), job.template, job.expert_map, upload,
                                       client.task)
-    record = _record(run, job, bytes_down=bytes_down, bytes_down_base=bytes_down_base, bytes_up=bytes_up,
-                     loss=reply.loss, score=reply.score, peak=reply.peak_memory_bytes, steps=reply.steps)
+    down, up, base = job.setup_bytes
+    record = _record(run, job, bytes_down=bytes_down + down, bytes_down_base=bytes_down_base + base,
+                     bytes_up=bytes_up + up, loss=reply.loss, score=reply.score, peak=reply.peak_memory_bytes,
+                     steps=reply.steps)
     return record, update
 
 
@@ -176,6 +203,13 @@ def close_round(run: Run, plan: RoundPlan, records: list[ClientRecord], updates:
     ``records`` holds every sampled client (failed ones with ``error``); ``updates`` and
     ``replies`` only the successful ones, in ``plan.sampled`` order.
     """
+    if plan.stage == 2 and "after_stage1" not in run.p_snapshots and run.latest_p:
+        run.p_snapshots["after_stage1"] = run.p_by_task()
+    for cid, reply in replies.items():
+        run.latest_p[cid] = reply.p
+    if run.progress:
+        for rec in records:
+            run.progress(plan.round, plan.stage, rec.client_id, rec)
     if updates:
         run.strategy.aggregate(run, plan, updates, replies)
     extra = run.strategy.after_round(run, plan, replies)
@@ -232,6 +266,8 @@ def write_outputs(run: Run, t0: float) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
     (out / "expert_map.json").write_text(json.dumps(
         {str(k): v for k, v in run.strategy.final_sets(run).items()}, indent=1))
+    run.p_snapshots["end"] = run.p_by_task()
+    (out / "p_by_task.json").write_text(json.dumps(run.p_snapshots))
     save_file({k: v.contiguous() for k, v in run.trainables.state.items()}, str(out / "global_trainable.safetensors"))
     return summary
 

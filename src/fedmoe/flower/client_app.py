@@ -69,7 +69,7 @@ def node_state(settings: AppSettings, ident: NodeIdentity) -> NodeState:
 def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
     """The train handler without Flower's message envelope (testable in-process)."""
     from fedmoe.engine.payload import from_bytes
-    from fedmoe.engine.remote import client_turn, config_fingerprint, measure_fn
+    from fedmoe.engine.remote import client_turn, deployment_fingerprint, measure_fn
     from fedmoe.flower.records import parse_request, reply_content
 
     settings = AppSettings.from_run_config(run_config)
@@ -80,9 +80,10 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
             f"Client {req.client_id} does not belong to this node (partition {ident.partition_id} of "
             f"{ident.num_partitions}).", "check the SuperNodes' --node-config partition ids.")
     node = node_state(settings, ident)
-    if config_fingerprint(node.cfg) != req.fingerprint:
-        raise ConfigError("The node's experiment config differs from the server's.",
-                          "start every SuperNode with the same fedmoe version and run config.")
+    if deployment_fingerprint(node.cfg, node.base) != req.fingerprint:
+        raise ConfigError("The node's experiment config or base model differs from the server's.",
+                          "install the same fedmoe version on every node and the server, and give them the same "
+                          "run config; strategies that replace the global model need the in-process engine.")
     measure = measure_fn(node.cfg)
     if (req.round, req.client_id) in settings.faults:
         measure = _faulty(measure, req.round, req.client_id)

@@ -50,7 +50,8 @@ CFG_STAGE = "stage"
 CFG_SEED = "seed"
 #: JSON of :class:`~fedmoe.moe.slicing.ExpertMap` (the kept global experts per layer)
 CFG_EXPERT_MAP = "expert-map"
-#: SHA-256 of the resolved experiment config (node-local keys left out): both sides must agree
+#: SHA-256 of the resolved experiment config (node-local keys left out) and the base model's
+#: structure: server and node must agree
 CFG_FINGERPRINT = "config-sha256"
 CFG_PARTITION_ID = NODE_PARTITION_ID
 CFG_NUM_PARTITIONS = NODE_NUM_PARTITIONS

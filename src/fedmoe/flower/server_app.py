@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmoe.engine.records import RoundRecord
 from fedmoe.engine.remote import (
     close_round,
-    config_fingerprint,
+    deployment_fingerprint,
     failed_record,
     finish_client,
     maybe_checkpoint,
@@ -54,6 +54,8 @@ ERROR_NAMES = {0: "UNKNOWN", 1: "LOAD_CLIENT_APP_EXCEPTION", 2: "CLIENT_APP_RAIS
                3: "MESSAGE_UNAVAILABLE", 4: "REPLY_MESSAGE_UNAVAILABLE", 5: "NODE_UNAVAILABLE",
                6: "MOD_FAILED_PRECONDITION", 7: "INVALID_FAB", 8: "CLIENT_APP_CRASHED"}
 POLL_S = 0.5
+#: seconds a between-rounds refresh waits for newly joined nodes to answer
+REFRESH_TIMEOUT_S = 30.0
 
 
 @app.main()
@@ -79,16 +81,20 @@ class NodeDirectory:
         return [p for p in range(self.num_partitions) if p not in self.nodes]
 
 
-def discover_nodes(grid: Grid, timeout: float, poll: float = POLL_S) -> NodeDirectory:
+def discover_nodes(grid: Grid, timeout: float, poll: float = POLL_S,
+                   known: NodeDirectory | None = None) -> NodeDirectory:
     """Ask every connected node for its identity until all partitions are covered or ``timeout``.
 
+    ``known``: a previous directory; its nodes that are still online are kept and not asked again.
     Raises ``RuntimeError`` when no node answered at all, or when nodes disagree on
     ``num-partitions``; returns a directory with holes (logged) when some partitions have no node.
     """
     deadline = time.monotonic() + timeout
-    asked: set[int] = set()
+    online = set(grid.get_node_ids()) if known else set()
+    asked: set[int] = set(known.nodes.values()) if known else set()
     pending: dict[str, int] = {}
-    idents: dict[int, tuple[int, int]] = {}
+    idents: dict[int, tuple[int, int]] = {
+        n: (p, known.num_partitions) for p, n in known.nodes.items() if n in online} if known else {}
     while True:
         new = sorted(n for n in grid.get_node_ids() if n not in asked)
         if new:
@@ -118,6 +124,21 @@ def discover_nodes(grid: Grid, timeout: float, poll: float = POLL_S) -> NodeDire
         log(WARNING, "[fedmoe] no SuperNode for partitions %s: their clients' turns will fail", directory.missing())
     log(INFO, "[fedmoe] %d partitions served by nodes %s", directory.num_partitions, directory.nodes)
     return directory
+
+
+def refresh_nodes(grid: Grid, nodes: NodeDirectory, timeout: float, poll: float = POLL_S) -> NodeDirectory:
+    """Between rounds: drop nodes that went offline and ask nodes that joined (a restarted
+    SuperNode comes back with a new node id) — only when something changed."""
+    online = set(grid.get_node_ids())
+    known = set(nodes.nodes.values())
+    if known <= online and not nodes.missing():
+        return nodes
+    if not online - known:
+        kept = NodeDirectory(nodes.num_partitions, {p: n for p, n in nodes.nodes.items() if n in online})
+        if kept.nodes != nodes.nodes:
+            log(WARNING, "[fedmoe] nodes went offline; partitions without a node: %s", kept.missing())
+        return kept
+    return discover_nodes(grid, timeout, poll, known=nodes)
 
 
 def _directory(idents: dict[int, tuple[int, int]]) -> NodeDirectory | None:
@@ -233,8 +254,9 @@ def run_federated(grid: Grid, settings: AppSettings, out: Path) -> dict[str, Any
     log(INFO, "[fedmoe] experiment %s, outputs in %s", settings.experiment, out)
     run = Run(cfg, out)
     nodes = discover_nodes(grid, settings.discovery_timeout)
-    fingerprint = config_fingerprint(cfg)
+    fingerprint = deployment_fingerprint(cfg, run.base)
     for plan in round_plans(run):
+        nodes = refresh_nodes(grid, nodes, min(settings.discovery_timeout, REFRESH_TIMEOUT_S))
         federated_round(grid, run, plan, nodes, fingerprint, settings.round_timeout)
         maybe_checkpoint(run, plan.round)
     summary = write_outputs(run, t0)
