@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmoe.report import metrics as M
-from fedmoe.report.figures import matplotlib_available, plot_curves, plot_heatmaps
+from fedmoe.report.figures import SNAPSHOT_TITLE, matplotlib_available, plot_curves, plot_heatmaps
 from fedmoe.report.load import (
     ABLATIONS,
     SETTING_SHORT,
@@ -307,7 +307,7 @@ def _section(model: str, groups: list[Group], tasks: list[str], out: Path, fig_d
             made.append(path)
             md += [f"Figure 1-style, {method_title(g.method)}, {setting_title(g.setting)} "
                    f"(per-task mean p over clients' latest reports; rows: "
-                   f"{', '.join(s.replace('_', ' ') for s in p)}):", "",
+                   f"{', '.join(SNAPSHOT_TITLE.get(s, s) for s in p)}):", "",
                    f"![p heat map]({path.relative_to(out).as_posix()})", ""]
         if missing:
             md += ["Heat maps need `p` logging (`p_by_task.json` in the run directory, written by the engine); "
@@ -365,6 +365,6 @@ def build_report(paths: Sequence[str | Path], out: str | Path, *, window: int = 
         made += figs
     md += ["## Inputs", ""] + [f"- `{r.path}` — {r.setting}, {method_title(r.method)}, seed {r.seed}" for r in runs] + [""]
     md_path, json_path = out_dir / "report.md", out_dir / "report.json"
-    md_path.write_text("\n".join(md))
+    md_path.write_text("\n".join(md) + "\n")
     json_path.write_text(json.dumps(data, indent=1, default=str))
     return Report(md_path, json_path, made, notes)
