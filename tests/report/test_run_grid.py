@@ -1,0 +1,58 @@
+"""benchmarks/paper/run_grid.py: the grid's cells, disjoint parts, skipping finished cells (no runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from fedmoe.config import load_config
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def rg():
+    spec = importlib.util.spec_from_file_location("run_grid", REPO / "benchmarks" / "paper" / "run_grid.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["run_grid"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_grid_parts_are_disjoint_and_cover(rg):
+    cells = rg.grid("cpu", [0, 1])
+    assert len(cells) == 2 * 4 * (7 + 2)
+    parts = [rg.select_part(cells, k, 5) for k in range(1, 6)]
+    flat = [c for p in parts for c in p]
+    assert sorted(flat, key=str) == sorted(cells, key=str) and len(set(flat)) == len(cells)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert all(len({c.method for c in p}) > 1 for p in parts)  # methods mixed, not one per part
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_every_cell_command_is_a_valid_config(rg, preset, tmp_path):
+    for cell in rg.grid(preset, [0, 3]):
+        cmd = rg.command(cell, tmp_path, ["train.max_local_steps=1"])
+        i = cmd.index("run")
+        assert cmd[i + 1] == f"benchmarks/paper/{preset}.toml"
+        assert cmd[-2:] == ["--out", str(tmp_path / preset / cell.setting / cell.method / f"seed{cell.seed}")]
+        sets = [cmd[j + 1] for j, a in enumerate(cmd) if a == "--set"]
+        cfg = load_config(REPO / cmd[i + 1], sets)
+        assert (cfg.algorithm, cfg.setting.preset, cfg.seed) == (cell.algorithm, cell.setting, cell.seed)
+        assert cfg.fedmoe.stage1 == (cell.method != "fedmoe-no-stage1")
+        assert cfg.fedmoe.stage2_adjust == (cell.method != "fedmoe-no-stage2")
+
+
+def test_finished_cells_are_skipped(rg, tmp_path, capsys):
+    cells = rg.grid("cpu", [0], settings=["enforced-hetero-t"], methods=["fedavg", "fedmoe"], ablation=False)
+    done = cells[0].out_dir(tmp_path)
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text("{}")
+    (cells[1].out_dir(tmp_path) / "checkpoints" / "round-00001").mkdir(parents=True)
+    assert [rg.state(c, tmp_path) for c in cells] == ["done", "resumable"]
+    assert "--resume" in rg.command(cells[1], tmp_path, [], resume=True)
+    rc = rg.main(["--preset", "cpu", "--settings", "enforced-hetero-t", "--methods", "fedavg,fedmoe", "--no-ablation",
+                  "--root", str(tmp_path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "1 done, 1 to run" in out and "fedmoe/seed0 (resumable)" in out and "fedavg/seed0" not in out
