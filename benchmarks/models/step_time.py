@@ -2,15 +2,16 @@
 
 Usage (the numbers in docs/models.md were made with these commands)::
 
-    python benchmarks/models/step_time.py --preset minilm-moe-8e --batch 16 --seq 96
-    python benchmarks/models/step_time.py --preset smollm2-moe-8e --batch 2 --seq 64 --steps 3
-    python benchmarks/models/step_time.py --preset minilm-moe-8e --dense ...   # dense baseline
+    python benchmarks/models/step_time.py --preset minilm-moe-8e --batch 16 --seq 96 --steps 5 --threads 1
+    python benchmarks/models/step_time.py --preset smollm2-moe-8e --batch 2 --seq 64 --steps 3 --threads 1
+    python benchmarks/models/step_time.py --preset minilm-moe-8e ... --dense   # dense baseline
 
 Inputs are random token ids (full attention mask, seeded); ``minilm-*`` trains the ``tc``
 head with cross-entropy, ``smollm2-*`` the causal-LM loss. The first step (which also
 allocates the AdamW state) is reported separately; ``step_s`` is the median of the next
 ``--steps`` steps (``step_s_min``: their minimum; the 1-minute load average before and
-after is printed, since other jobs on a shared machine inflate times). Peak memory is
+after is printed, since other jobs on a shared machine inflate times; ``step_cpu_s`` is
+the median process CPU time of those steps, summed over threads). Peak memory is
 the process's peak RSS (``VmHWM``) during the steps, after resetting it once the model
 is built (``/proc/self/clear_refs``), so loading and upcycling peaks are not counted.
 """
@@ -107,8 +108,10 @@ def main() -> None:
     labels = torch.randint(0, 4, (args.batch,), generator=g)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
+    cpu_times: list[float] = []
+
     def step() -> float:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         if is_lm:
             loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
         else:
@@ -118,6 +121,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        cpu_times.append(time.process_time() - c)
         return time.perf_counter() - t
 
     gc.collect()
@@ -137,6 +141,7 @@ def main() -> None:
         "step_s": round(statistics.median(times), 3),
         "step_s_min": round(min(times), 3),
         "step_s_all": [round(t, 3) for t in times],
+        "step_cpu_s": round(statistics.median(cpu_times[1:]), 3),
         "rss_before_steps_gib": round(rss_before / 2**20, 2),
         "peak_rss_gib": round(peak / 2**20, 2),
         "peak_reset": peak_reset,
