@@ -172,3 +172,13 @@ def test_refresh_follows_restarted_and_lost_nodes():
     del grid.node_configs[9]  # lost for good
     d = refresh_nodes(grid, d, timeout=0.2, poll=0.05)
     assert d.nodes == {0: 7, 1: 20} and d.missing() == [2]
+
+
+@pytest.mark.parametrize(("algorithm", "match"), [("fedavg", "Every node refused"), ("fedprox", "client-side hooks")])
+def test_algorithms_needing_client_code_fail_loudly(tmp_path, shared_data, algorithm, match):
+    from fedmoe.errors import ConfigError
+
+    rc = run_config(shared_data)
+    rc[K.RUN_OVERRIDES] = f"{rc[K.RUN_OVERRIDES]}; algorithm={algorithm}"
+    with pytest.raises(ConfigError, match=match):
+        run_federated(LocalGrid(client_app, node_configs(2), rc), AppSettings.from_run_config(rc), tmp_path)

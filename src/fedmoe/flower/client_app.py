@@ -27,6 +27,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmoe.errors import ConfigError
+from fedmoe.flower import keys as K
 from fedmoe.flower.settings import AppSettings, NodeIdentity, identity_content
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
             f"{ident.num_partitions}).", "check the SuperNodes' --node-config partition ids.")
     node = node_state(settings, ident)
     if deployment_fingerprint(node.cfg, node.base) != req.fingerprint:
-        raise ConfigError("The node's experiment config or base model differs from the server's.",
+        raise ConfigError(f"The node's experiment config or base model {K.ERR_MISMATCH}.",
                           "install the same fedmoe version on every node and the server, and give them the same "
                           "run config; strategies that replace the global model need the in-process engine.")
     measure = measure_fn(node.cfg)

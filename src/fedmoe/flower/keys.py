@@ -62,3 +62,7 @@ MET_LOSS = "loss"
 MET_SCORE = "score"
 MET_STEPS = "steps"
 MET_PEAK_MEMORY = "peak_memory_bytes"
+
+# -- error texts the server recognises ------------------------------------------------------------
+#: in a node's error reply when its config / base model differs from the server's
+ERR_MISMATCH = "differs from the server's"

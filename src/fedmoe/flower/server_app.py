@@ -44,6 +44,8 @@ from fedmoe.engine.remote import (
 )
 from fedmoe.engine.run import Run
 from fedmoe.engine.strategies.base import RoundPlan
+from fedmoe.errors import ConfigError
+from fedmoe.flower import keys as K
 from fedmoe.flower.records import content_bytes, job_content, parse_reply
 from fedmoe.flower.settings import AppSettings, parse_identity, partition_of
 
@@ -233,6 +235,11 @@ def federated_round(grid: Grid, run: Run, plan: RoundPlan, nodes: NodeDirectory,
         updates.append(upd)
         ok[cid] = client_reply
     jobs.clear()
+    if records and not ok and all(K.ERR_MISMATCH in r.error for r in records):
+        raise ConfigError(f"Every node refused round {plan.round}: its experiment config or base model "
+                          f"{K.ERR_MISMATCH} ({records[0].error}).",
+                          "install the same fedmoe version everywhere and use the same run config; strategies "
+                          "that replace the global model (fedavg, fedprox, scaffold) need the in-process engine.")
     rr = close_round(run, plan, records, updates, ok, t0)
     log(INFO, "[fedmoe] round %s (stage %s): %d/%d clients ok, %.1f s", plan.round, plan.stage, len(ok),
         len(plan.sampled), rr.wall_time_s)
