@@ -46,6 +46,10 @@ def plot_curves(curves: Mapping[str, Mapping[str, Curve]], tasks: Sequence[str],
     MaxNLocator = _locator()  # noqa: N806
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
+        rounds = [r for by_task in curves.values() for r, _ in by_task.get(task, [])]
+        if rounds:
+            pad = 0.5 if max(rounds) - min(rounds) >= 2 else 1.0  # ≥ 2 integer ticks even for one point
+            ax.set_xlim(min(rounds) - pad, max(rounds) + pad)
         for method, by_task in curves.items():
             curve = by_task.get(task, [])
             if curve:
