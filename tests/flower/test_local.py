@@ -182,3 +182,20 @@ def test_algorithms_needing_client_code_fail_loudly(tmp_path, shared_data, algor
     rc[K.RUN_OVERRIDES] = f"{rc[K.RUN_OVERRIDES]}; algorithm={algorithm}"
     with pytest.raises(ConfigError, match=match):
         run_federated(LocalGrid(client_app, node_configs(2), rc), AppSettings.from_run_config(rc), tmp_path)
+
+
+@pytest.mark.slow
+def test_hfedmoe_on_local_grid_matches_inprocess(tmp_path, shared_data):
+    rc = run_config(shared_data)
+    rc[K.RUN_OVERRIDES] = f"{rc[K.RUN_OVERRIDES]}; algorithm=hfedmoe"
+    settings = AppSettings.from_run_config(rc)
+    run_experiment(settings.experiment_config(), tmp_path / "inprocess")
+    run_federated(LocalGrid(client_app, node_configs(2), rc), settings, tmp_path / "flower")
+    a = load_file(str(tmp_path / "inprocess" / "global_trainable.safetensors"))
+    b = load_file(str(tmp_path / "flower" / "global_trainable.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    maps = [json.loads((tmp_path / e / "expert_map.json").read_text()) for e in ("inprocess", "flower")]
+    assert maps[0] == maps[1]
+    # HFedMoE's modelled setup traffic (base weights for its scoring) is counted as in-process
+    assert [r["bytes_down_base"] for r in rounds_of(tmp_path / "inprocess")] == [
+        r["bytes_down_base"] for r in rounds_of(tmp_path / "flower")]
