@@ -136,7 +136,7 @@ def extract(model: nn.Module, kept: list[list[int]], family: MoEFamily | None = 
 
 
 def _sliced(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    data = t.detach().index_select(0, idx.to(t.device)).clone()
+    data = t.detach().index_select(0, idx.to(t.device))  # a fresh tensor: no extra copy
     if isinstance(t, nn.Parameter):
         return nn.Parameter(data, requires_grad=t.requires_grad)
     return data
