@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from fedmoe.config import ExperimentConfig, config_to_dict, dump_toml, load_config
@@ -41,7 +40,7 @@ from fedmoe.data.settings import ClientData, build_federation
 from fedmoe.engine.client import ClientContext, ClientPlan, ClientReply, run_client
 from fedmoe.engine.payload import to_bytes
 from fedmoe.engine.records import ClientRecord, RoundRecord
-from fedmoe.engine.run import Run, _jsonable
+from fedmoe.engine.run import Run, _jsonable, write_outputs  # noqa: F401 (re-exported)
 from fedmoe.engine.strategies.base import RoundPlan
 from fedmoe.engine.trainables import Trainables
 from fedmoe.errors import ConfigError
@@ -241,35 +240,6 @@ def start_outputs(cfg: ExperimentConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "rounds.jsonl").write_text("")
     (out / "config.toml").write_text(dump_toml(cfg))
-
-
-def write_outputs(run: Run, t0: float) -> dict[str, Any]:
-    """Tail of ``run_experiment``: final evaluation, ``summary.json``, expert map, global tensors."""
-    cfg, out = run.cfg, run.out
-    scores = run.final_scores()
-    clients = [c for rr in run.rounds for c in rr.clients if not c.error]
-    peaks = [c.peak_memory_bytes for c in clients] or [0]
-    summary: dict[str, Any] = {
-        "algorithm": cfg.algorithm, "model": cfg.model.name, "setting": run.fed.preset, "seed": cfg.seed,
-        "rounds": len(run.rounds), "scores": scores,
-        "bytes_down_base": sum(rr.bytes_down_base for rr in run.rounds),
-        "bytes_down": sum(rr.bytes_down for rr in run.rounds),
-        "bytes_up": sum(rr.bytes_up for rr in run.rounds),
-        "peak_memory_max": max(peaks), "peak_memory_mean": float(np.mean(peaks)),
-        "experts_start": {}, "experts_end": run.strategy.expert_counts(run),
-    }
-    extras = getattr(run.strategy, "summary_extras", None)
-    if extras:
-        summary.update(extras())
-    summary["failed_client_turns"] = sum(1 for rr in run.rounds for c in rr.clients if c.error)
-    summary["wall_time_s"] = time.perf_counter() - t0
-    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
-    (out / "expert_map.json").write_text(json.dumps(
-        {str(k): v for k, v in run.strategy.final_sets(run).items()}, indent=1))
-    run.p_snapshots["end"] = run.p_by_task()
-    (out / "p_by_task.json").write_text(json.dumps(run.p_snapshots))
-    save_file({k: v.contiguous() for k, v in run.trainables.state.items()}, str(out / "global_trainable.safetensors"))
-    return summary
 
 
 # -- client half --------------------------------------------------------------------------

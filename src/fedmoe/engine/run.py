@@ -207,8 +207,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = N
         run.round(run.strategy.plan(run, rnd))
         if cfg.engine.checkpoint_every and (rnd + 1) % cfg.engine.checkpoint_every == 0:
             save_checkpoint(run, rnd)
+    return write_outputs(run, t0)
+
+
+def write_outputs(run: Run, t0: float) -> dict[str, Any]:
+    """Tail of ``run_experiment``: final evaluation, ``summary.json``, expert map, global tensors."""
+    cfg, out = run.cfg, run.out
     scores = run.final_scores()
-    clients = [c for rr in run.rounds for c in rr.clients]
+    clients = [c for rr in run.rounds for c in rr.clients if not c.error]
     peaks = [c.peak_memory_bytes for c in clients] or [0]
     summary: dict[str, Any] = {
         "algorithm": cfg.algorithm, "model": cfg.model.name, "setting": run.fed.preset, "seed": cfg.seed,
@@ -222,6 +228,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = N
     extras = getattr(run.strategy, "summary_extras", None)
     if extras:
         summary.update(extras())
+    summary["failed_client_turns"] = sum(1 for rr in run.rounds for c in rr.clients if c.error)
     summary["wall_time_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
     (out / "expert_map.json").write_text(json.dumps(
