@@ -162,7 +162,7 @@ class FlexConfig:
 
 @dataclass
 class EngineConfig:
-    #: "inprocess" (default) or "flower-sim"
+    #: "inprocess" (the only engine `fedmoe run` drives; Flower runs go through `flwr run`, docs/deploy.md)
     name: str = "inprocess"
     #: measure the peak memory of each client's local step
     measure_memory: bool = True
@@ -299,7 +299,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "train.finetune": ("lora", "full"),
-    "engine.name": ("inprocess", "flower-sim"),
+    "engine.name": ("inprocess",),
     "engine.device": ("auto", "cpu", "cuda"),
 }
 # key → (low, high, inclusive-low); values must lie in the range
@@ -332,6 +332,9 @@ def _get(cfg: Any, key: str) -> Any:
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Value checks that need no model or data (those are checked where they load)."""
+    if cfg.engine.name != "inprocess":
+        raise ConfigError(f"`engine.name` = {cfg.engine.name!r}: `fedmoe run` drives the in-process engine only.",
+                          "leave engine.name=inprocess; run on Flower with `flwr run .` (see docs/deploy.md).")
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"`{key}` = {_get(cfg, key)!r} is not one of {list(choices)}.", f"set --set {key}={choices[0]}.")
