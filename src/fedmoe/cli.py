@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmoe.errors import FedMoEError
+from fedmoe.errors import FedMoEError, RunStopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Personalised federated fine-tuning of MoE LMs.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data partitions.")
@@ -92,8 +92,9 @@ def run(
 
         summary = _with_progress(lambda progress: run_experiment(cfg, out, progress, resume=resume is not None))
     except FedMoEError as exc:
-        if created and out.exists():
-            shutil.rmtree(out)  # leave nothing that could be mistaken for a result
+        if created and out.exists() and not isinstance(exc, RunStopped):
+            shutil.rmtree(out)  # leave nothing that could be mistaken for a result (a stopped run has
+            # no summary.json and keeps rounds.jsonl + its checkpoint for `--resume`)
         _fail(exc)
         return
     table = Table(title="final scores (clients' test splits)")

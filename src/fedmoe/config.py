@@ -170,6 +170,14 @@ class EngineConfig:
     device: str = "auto"
     #: write a server checkpoint every N rounds (0 = never); `fedmoe run --resume DIR`
     checkpoint_every: int = 1
+    #: a client turn running longer than this is rejected (seconds; 0 = no limit)
+    client_timeout_s: float = 0.0
+    #: stop the run (clear message, rounds.jsonl and checkpoint kept) after this many consecutive
+    #: rounds in which no client reply survived; 0 = never stop (the global model stays unchanged)
+    max_empty_rounds: int = 3
+    #: tests and drills only: "ROUND:CLIENT[:KIND],…" client turns that misbehave
+    #: (KIND: raise | timeout | nan | inf | shape | extra_expert; default raise)
+    inject_faults: str = ""
 
 
 @dataclass
@@ -321,6 +329,8 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "data.max_seq_len": (8, float("inf"), True),
     "data.val_fraction": (0.0, 1.0, False),
     "data.test_fraction": (0.0, 1.0, False),
+    "engine.client_timeout_s": (0.0, float("inf"), True),
+    "engine.max_empty_rounds": (0, float("inf"), True),
 }
 
 
@@ -348,6 +358,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             f"setting.budget_high ({cfg.setting.budget_high}) is below setting.budget_low ({cfg.setting.budget_low}).",
             "make budget_high >= budget_low.",
         )
+    if cfg.engine.inject_faults:
+        from fedmoe.engine.faults import parse_faults
+
+        parse_faults(cfg.engine.inject_faults)
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
         raise ConfigError("data.val_fraction + data.test_fraction must leave a train split (sum < 1).",
                           "lower one of them, e.g. --set data.test_fraction=0.2.")

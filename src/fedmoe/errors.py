@@ -30,3 +30,7 @@ class DataError(FedMoEError):
 
 class BudgetError(FedMoEError):
     """A client's memory budget cannot hold what it must train."""
+
+
+class RunStopped(FedMoEError):
+    """The run stopped on purpose (e.g. too many empty rounds); its outputs so far are kept."""

@@ -101,15 +101,16 @@ def test_content_bytes_counts_the_tensors_and_dedups_identical_chunks():
 
 def test_overrides_faults_and_settings_defaults():
     assert parse_overrides(" a.b=1; c.d=x ;\n e=[1, 2];") == ["a.b=1", "c.d=x", "e=[1, 2]"]
-    assert parse_faults("2:1, 3:4") == {(2, 1), (3, 4)} and parse_faults("") == frozenset()
-    with pytest.raises(ConfigError):
-        parse_faults("2-1")
+    assert parse_faults("2:1, 3:4:nan") == {(2, 1): "raise", (3, 4): "nan"} and parse_faults("") == {}
+    for bad in ("2-1", "2:1:melt", "1:2:3:4"):
+        with pytest.raises(ConfigError, match=K.RUN_INJECT_FAULT):
+            parse_faults(bad)
     s = AppSettings.from_run_config({})
-    assert s.experiment == "configs/tiny.toml" and s.overrides == () and s.faults == frozenset()
+    assert s.experiment == "configs/tiny.toml" and s.overrides == () and s.faults == {}
     s = AppSettings.from_run_config({K.RUN_OVERRIDES: "fedmoe.rounds=3", K.RUN_INJECT_FAULT: "1:2",
                                      K.RUN_EXPERIMENT: str(REPO / "configs" / "tiny.toml")})
     cfg = s.experiment_config(data_dir="/data/here")
-    assert cfg.fedmoe.rounds == 3 and cfg.data.data_dir == "/data/here" and s.faults == {(1, 2)}
+    assert cfg.fedmoe.rounds == 3 and cfg.data.data_dir == "/data/here" and s.faults == {(1, 2): "raise"}
 
 
 def test_resolve_path(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import torch
 
 from fedmoe.config import ExperimentConfig
 from fedmoe.data.settings import ClientData
+from fedmoe.engine.faults import Deadline, InjectedFault, corrupt_upload
 from fedmoe.engine.payload import from_bytes, to_bytes
 from fedmoe.engine.trainables import Trainables
 from fedmoe.moe.families import MoEFamily
@@ -80,21 +81,29 @@ def main_metric(task: Any, scores: dict[str, float]) -> float:
 
 
 def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: Trainables, download: bytes,
-               seed: int, measure: Any, plan: ClientPlan | None = None) -> tuple[ClientReply, Any]:
+               seed: int, measure: Any, plan: ClientPlan | None = None, deadline: Deadline | None = None,
+               fault: str | None = None) -> tuple[ClientReply, Any]:
     """Train ``sub`` (with the downloaded trainable tensors) on the client's data.
 
-    ``measure(fn)`` runs ``fn`` and returns ``(result, peak_bytes)``.
+    ``measure(fn)`` runs ``fn`` and returns ``(result, peak_bytes)``. ``deadline`` is checked
+    after every local step and after validation (:class:`~fedmoe.engine.faults.ClientTimeout`).
+    ``fault`` (tests and drills only) makes this client misbehave as
+    :data:`~fedmoe.engine.faults.FAULT_KINDS` describes.
     Returns the reply and the trained model (for the caller's bookkeeping).
     """
     task = ctx.tasks[client.task]
     plan = plan or ClientPlan()
+    deadline = deadline or Deadline(0)
     extra_bytes = to_bytes(plan.extra_down or {})
 
     def work():
         model = trainables.wrap(sub).to(ctx.device)
         trainables.load(model, from_bytes(download))
         extra_down = from_bytes(extra_bytes)
-        hooks: LocalHooks | None = plan.hooks(extra_down) if plan.hooks else None
+        hooks: LocalHooks = plan.hooks(extra_down) if plan.hooks else LocalHooks()
+        hooks.after_step = lambda step: deadline.check()
+        if fault == "timeout":
+            deadline.hang()
         res: LocalResult = local_train(model, ctx.family, ctx.kind, task, list(client.train), ctx.tokenizer,
                                        ctx.cfg.train, ctx.cfg.data, ctx.device, seed, hooks)
         extra_up = plan.extra_up(model, extra_down, res) if plan.extra_up else None
@@ -102,10 +111,16 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
         with RoutingStats(inner, ctx.family) as stats:
             stats.token_masks = []
             scores = _validate(ctx, model, task, client, stats)
+        deadline.check()
+        if fault == "raise":
+            raise InjectedFault(f"injected fault: the client raised after training (fault `{fault}`)")
         return model, res, scores, global_p(stats, sub.expert_map), extra_up
 
     (model, res, scores, p, extra_up), peak = measure(work)
-    upload = to_bytes({k: v.cpu() for k, v in trainables.upload_state(model, client.task).items()})
+    state = {k: v.cpu() for k, v in trainables.upload_state(model, client.task).items()}
+    if fault:
+        state = corrupt_upload(state, fault)
+    upload = to_bytes(state)
     extra_up_bytes = to_bytes(extra_up or {})
     reply = ClientReply(upload, res.loss, main_metric(task, scores), p, res.steps, int(peak),
                         extra=from_bytes(extra_up_bytes), extra_down_bytes=len(extra_bytes))

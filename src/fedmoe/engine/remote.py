@@ -38,6 +38,7 @@ from fedmoe.core.aggregation import ClientUpdate
 from fedmoe.core.layout import UnitLayout
 from fedmoe.data.settings import ClientData, build_federation
 from fedmoe.engine.client import ClientContext, ClientPlan, ClientReply, run_client
+from fedmoe.engine.faults import Deadline, check_upload, expected_upload
 from fedmoe.engine.payload import to_bytes
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.run import Run, _jsonable, write_outputs  # noqa: F401 (re-exported)
@@ -162,12 +163,16 @@ def finish_client(run: Run, job: ClientJob, reply: ClientReply, upload: dict[str
                   bytes_down: int, bytes_up: int, bytes_down_base: int = 0) -> tuple[ClientRecord, ClientUpdate]:
     """Second half of ``Run._client``: the client's update and its record.
 
+    Raises :class:`~fedmoe.engine.faults.ClientFault` when the upload must be rejected
+    (tensors not given, missing, wrong shape, NaN/Inf, non-finite loss).
+
     ``bytes_down`` / ``bytes_up`` are the sizes of what actually crossed the network
     (the engine measures its own messages); ``bytes_down_base`` the base weights sent. The
     strategy's modelled setup traffic (``ClientPlan.setup_*_bytes``) is added, as in-process.
     """
     client = run.clients[job.client_id]
     assert job.template is not None and job.trainables is not None, "finish_client needs a prepared job"
+    check_upload(expected_upload(job.trainables.upload_state(job.template, client.task)), upload, reply.loss)
     update = job.trainables.to_update(job.client_id, len(client.train), job.template, job.expert_map, upload,
                                       client.task)
     down, up, base = job.setup_bytes
@@ -287,11 +292,13 @@ def measure_fn(cfg: ExperimentConfig) -> Callable[[Callable[[], Any]], tuple[Any
 
 def client_turn(node: NodeState, cid: int, kept: list[list[int]], download: dict[str, torch.Tensor], seed: int,
                 extra_down: dict[str, torch.Tensor] | None = None,
-                measure: Callable[[Callable[[], Any]], tuple[Any, int]] | None = None) -> ClientReply:
-    """Client half: extract the sub-MoE from the node's base model and run :func:`run_client`."""
+                measure: Callable[[Callable[[], Any]], tuple[Any, int]] | None = None,
+                fault: str | None = None) -> ClientReply:
+    """Client half: extract the sub-MoE from the node's base model and run :func:`run_client`
+    (with the node's ``engine.client_timeout_s`` and, for drills, an injected ``fault``)."""
     client = node.clients[cid]
     sub = extract(node.base, kept, node.family)
     cplan = ClientPlan(extra_down=extra_down) if extra_down else None
     reply, _ = run_client(node.ctx, client, sub, node.trainables, to_bytes(download), seed,
-                          measure or measure_fn(node.cfg), cplan)
+                          measure or measure_fn(node.cfg), cplan, Deadline(node.cfg.engine.client_timeout_s), fault)
     return reply

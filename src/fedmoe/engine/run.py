@@ -20,11 +20,13 @@ from fedmoe.data.settings import build_federation
 from fedmoe.engine.budget import MemoryPlan, plan_memory
 from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedmoe.engine.client import ClientContext, ClientPlan, run_client
+from fedmoe.engine.faults import Deadline, check_upload, expected_upload, parse_faults
 from fedmoe.engine.payload import from_bytes, to_bytes
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.strategies import get_strategy
 from fedmoe.engine.strategies.base import RoundPlan
 from fedmoe.engine.trainables import Trainables
+from fedmoe.errors import RunStopped
 from fedmoe.moe.models import load_model
 from fedmoe.moe.slicing import extract, layout_of
 from fedmoe.train.batching import model_kind
@@ -54,6 +56,7 @@ class Run:
         self.rounds: list[RoundRecord] = []
         self.latest_p: dict[int, np.ndarray] = {}  # client → p of its latest participation
         self.p_snapshots: dict[str, dict[str, list]] = {}  # "after_stage1" / "end" → task → mean p
+        self.faults = parse_faults(cfg.engine.inject_faults)  # tests and drills only
         self.strategy.setup(self)
 
     def use_model(self, model: Any, plan: MemoryPlan | None = None) -> None:
@@ -89,6 +92,9 @@ class Run:
         return len(to_bytes(tensors))
 
     def _client(self, cid: int, kept: list[list[int]], stage: int, rnd: int):
+        """One client's turn. A turn that raises, runs past ``engine.client_timeout_s`` or sends
+        back something :func:`~fedmoe.engine.faults.check_upload` rejects returns a record with
+        ``error`` set and no update (it is never aggregated)."""
         client = self.clients[cid]
         sub = extract(self.base, kept, self.family)
         base_bytes = self._base_bytes(cid, kept)
@@ -97,19 +103,37 @@ class Run:
         download = to_bytes(trainables.for_client(template, sub.expert_map, client.task))
         seed = self.cfg.seed * 100_003 + rnd * 1_009 + cid
         cplan = self.strategy.client_plan(self, cid, kept)
-        reply, model = run_client(self.ctx, client, sub, trainables, download, seed, self._measure, cplan)
-        update = trainables.to_update(cid, len(client.train), model, sub.expert_map, from_bytes(reply.upload),
-                                      client.task)
         setup = cplan or ClientPlan()
         record = ClientRecord(
-            client_id=cid, task=client.task, stage=stage, loss=reply.loss, score=reply.score,
-            num_examples=len(client.train), bytes_down_base=base_bytes + setup.setup_base_bytes,
-            bytes_down=len(download) + reply.extra_down_bytes + setup.setup_down_bytes,
-            bytes_up=len(reply.upload) + reply.extra_up_bytes + setup.setup_up_bytes,
-            peak_memory_bytes=reply.peak_memory_bytes, predicted_memory_bytes=int(self.plan.submodel_bytes(kept)),
-            budget_bytes=int(client.budget_bytes or 0), num_experts=sum(len(k) for k in kept), steps=reply.steps,
+            client_id=cid, task=client.task, stage=stage, loss=0.0, score=0.0, num_examples=len(client.train),
+            bytes_down_base=base_bytes + setup.setup_base_bytes, bytes_down=len(download) + setup.setup_down_bytes,
+            bytes_up=setup.setup_up_bytes, peak_memory_bytes=0, predicted_memory_bytes=int(self.plan.submodel_bytes(kept)),
+            budget_bytes=int(client.budget_bytes or 0), num_experts=sum(len(k) for k in kept), steps=0,
         )
+        reply = None
+        try:
+            reply, model = run_client(self.ctx, client, sub, trainables, download, seed, self._measure, cplan,
+                                      Deadline(self.cfg.engine.client_timeout_s), self.faults.get((rnd, cid)))
+            record.bytes_down += reply.extra_down_bytes
+            record.bytes_up += len(reply.upload) + reply.extra_up_bytes  # a rejected reply still crossed
+            upload = from_bytes(reply.upload)
+            check_upload(expected_upload(trainables.upload_state(template, client.task)), upload, reply.loss)
+            update = trainables.to_update(cid, len(client.train), model, sub.expert_map, upload, client.task)
+        except Exception as exc:  # noqa: BLE001 — any client failure rejects this reply only
+            record.error = _reason(exc)
+            self._log_fault(rnd, cid, exc)
+            return record, None, None
+        record.loss, record.score, record.steps = reply.loss, reply.score, reply.steps
+        record.peak_memory_bytes = reply.peak_memory_bytes
         return record, update, reply
+
+    def _log_fault(self, rnd: int, cid: int, exc: BaseException) -> None:
+        """Keep the full traceback of a rejected turn (``rounds.jsonl`` has the one-line reason)."""
+        import traceback
+
+        with (self.out / "client_errors.log").open("a") as f:
+            f.write(f"--- round {rnd} client {cid}\n")
+            f.write("".join(traceback.format_exception(exc)))
 
     def _measure(self, fn: Any) -> tuple[Any, int]:
         if not self.cfg.engine.measure_memory:
@@ -135,12 +159,13 @@ class Run:
         for cid in plan.sampled:
             rec, upd, reply = self._client(cid, plan.sets[cid], plan.stage, plan.round)
             records.append(rec)
-            updates.append(upd)
-            replies[cid] = reply
-            self.latest_p[cid] = reply.p
+            if upd is not None:
+                updates.append(upd)
+                replies[cid] = reply
+                self.latest_p[cid] = reply.p
             if self.progress:
                 self.progress(plan.round, plan.stage, cid, rec)
-        if updates:
+        if updates:  # no surviving reply: the global model stays as it was
             self.strategy.aggregate(self, plan, updates, replies)
         extra = self.strategy.after_round(self, plan, replies)
         rr = RoundRecord(
@@ -175,6 +200,36 @@ class Run:
         return out
 
 
+def _reason(exc: BaseException) -> str:
+    """One line for ``rounds.jsonl``: the check's own reason, else ``Type: message``."""
+    from fedmoe.engine.faults import ClientFault
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, ClientFault) else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def empty_streak(rounds: list[RoundRecord]) -> int:
+    """Consecutive rounds at the end of ``rounds`` in which clients were sampled and none succeeded."""
+    n = 0
+    for rr in reversed(rounds):
+        if not rr.clients or any(not c.error for c in rr.clients):
+            break
+        n += 1
+    return n
+
+
+def check_empty_rounds(run: Run) -> None:
+    """Stop the run with :class:`RunStopped` after ``engine.max_empty_rounds`` empty rounds in a row."""
+    limit = run.cfg.engine.max_empty_rounds
+    n = empty_streak(run.rounds)
+    if limit and n >= limit:
+        last = run.rounds[-1].clients[0].error
+        raise RunStopped(
+            f"Stopped after {n} consecutive rounds in which no client reply survived (last error: {last}).",
+            f"see {run.out / 'rounds.jsonl'} and client_errors.log; fix the cause and continue with "
+            f"`fedmoe run --resume {run.out}`, or raise engine.max_empty_rounds (0 = never stop).")
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -207,6 +262,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = N
         run.round(run.strategy.plan(run, rnd))
         if cfg.engine.checkpoint_every and (rnd + 1) % cfg.engine.checkpoint_every == 0:
             save_checkpoint(run, rnd)
+        check_empty_rounds(run)
     return write_outputs(run, t0)
 
 

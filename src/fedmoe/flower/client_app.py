@@ -20,7 +20,7 @@ in simulation the Ray actors persist and :data:`_NODE_CACHE` keeps the loaded mo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message, RecordDict
@@ -37,10 +37,6 @@ app = ClientApp()
 
 #: node state per (config fingerprint, data dir): reused while the process lives
 _NODE_CACHE: dict[tuple[str, str], NodeState] = {}
-
-
-class InjectedFault(RuntimeError):
-    """Raised by a client turn selected by the run config's ``inject-fault`` (tests only)."""
 
 
 @app.query()
@@ -85,19 +81,6 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
         raise ConfigError(f"The node's experiment config or base model {K.ERR_MISMATCH}.",
                           "install the same fedmoe version on every node and the server, and give them the same "
                           "run config; strategies that replace the global model need the in-process engine.")
-    measure = measure_fn(node.cfg)
-    if (req.round, req.client_id) in settings.faults:
-        measure = _faulty(measure, req.round, req.client_id)
-    reply = client_turn(node, req.client_id, req.expert_map.kept, req.download, req.seed, req.extra_down, measure)
+    reply = client_turn(node, req.client_id, req.expert_map.kept, req.download, req.seed, req.extra_down,
+                        measure_fn(node.cfg), fault=settings.faults.get((req.round, req.client_id)))
     return reply_content(reply, from_bytes(reply.upload), req.client_id, req.round)
-
-
-def _faulty(measure: Callable[[Callable[[], Any]], tuple[Any, int]], rnd: int,
-            cid: int) -> Callable[[Callable[[], Any]], tuple[Any, int]]:
-    """``measure`` that trains, then raises :class:`InjectedFault` (the reply is never sent)."""
-
-    def wrapped(fn: Callable[[], Any]) -> tuple[Any, int]:
-        measure(fn)
-        raise InjectedFault(f"injected fault: client {cid} in round {rnd} (run config `inject-fault`)")
-
-    return wrapped

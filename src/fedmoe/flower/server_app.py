@@ -29,6 +29,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedmoe.engine.faults import ClientFault
 from fedmoe.engine.records import RoundRecord
 from fedmoe.engine.remote import (
     close_round,
@@ -42,7 +43,7 @@ from fedmoe.engine.remote import (
     start_outputs,
     write_outputs,
 )
-from fedmoe.engine.run import Run
+from fedmoe.engine.run import Run, check_empty_rounds
 from fedmoe.engine.strategies.base import RoundPlan
 from fedmoe.errors import ConfigError
 from fedmoe.flower import keys as K
@@ -230,7 +231,14 @@ def federated_round(grid: Grid, run: Run, plan: RoundPlan, nodes: NodeDirectory,
             records.append(failed_record(run, job, error, sent.get(cid, 0)))
             continue
         client_reply = reply_from_parts(result.upload, result.metrics, result.p, result.extra_up)
-        rec, upd = finish_client(run, job, client_reply, result.upload, sent[cid], content_bytes(reply.content))
+        try:
+            rec, upd = finish_client(run, job, client_reply, result.upload, sent[cid], content_bytes(reply.content))
+        except ClientFault as exc:
+            log(WARNING, "[fedmoe] round %s client %s: %s", plan.round, cid, exc)
+            rec = failed_record(run, job, str(exc), sent[cid])
+            rec.bytes_up = content_bytes(reply.content)  # the rejected reply still crossed the network
+            records.append(rec)
+            continue
         records.append(rec)
         updates.append(upd)
         ok[cid] = client_reply
@@ -266,6 +274,7 @@ def run_federated(grid: Grid, settings: AppSettings, out: Path) -> dict[str, Any
         nodes = refresh_nodes(grid, nodes, min(settings.discovery_timeout, REFRESH_TIMEOUT_S))
         federated_round(grid, run, plan, nodes, fingerprint, settings.round_timeout)
         maybe_checkpoint(run, plan.round)
+        check_empty_rounds(run)
     summary = write_outputs(run, t0)
     log(INFO, "[fedmoe] done: %d rounds, %d failed client turns, scores %s", summary["rounds"],
         summary["failed_client_turns"], summary["scores"])

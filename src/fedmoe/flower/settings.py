@@ -17,6 +17,7 @@ from typing import Any
 from flwr.app import ConfigRecord, RecordDict
 
 from fedmoe.config import ExperimentConfig, load_config
+from fedmoe.engine.faults import parse_faults as _parse_faults
 from fedmoe.errors import ConfigError
 from fedmoe.flower import keys as K
 
@@ -32,20 +33,10 @@ def parse_overrides(text: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-def parse_faults(text: str) -> frozenset[tuple[int, int]]:
-    """``"2:1,3:4"`` → ``{(2, 1), (3, 4)}``: (round, client id) pairs whose turn raises."""
-    out: set[tuple[int, int]] = set()
-    for item in text.replace(";", ",").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            rnd, cid = (int(x) for x in item.split(":"))
-        except ValueError:
-            raise ConfigError(f"`{K.RUN_INJECT_FAULT}` item `{item}` is not ROUND:CLIENT.",
-                              'write it as e.g. inject-fault="2:1".') from None
-        out.add((rnd, cid))
-    return frozenset(out)
+def parse_faults(text: str) -> dict[tuple[int, int], str]:
+    """``"2:1,3:4:nan"`` → ``{(2, 1): "raise", (3, 4): "nan"}``: (round, client id) → fault kind
+    (:data:`fedmoe.engine.faults.FAULT_KINDS`) of turns that misbehave (tests and drills only)."""
+    return _parse_faults(text, key=K.RUN_INJECT_FAULT)
 
 
 def resolve_path(path: str) -> Path:
@@ -69,7 +60,7 @@ class AppSettings:
     out_dir: str = DEFAULT_OUT_DIR
     round_timeout: float = DEFAULT_ROUND_TIMEOUT
     discovery_timeout: float = DEFAULT_DISCOVERY_TIMEOUT
-    faults: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+    faults: dict[tuple[int, int], str] = field(default_factory=dict)
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> AppSettings:

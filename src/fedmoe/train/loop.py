@@ -132,10 +132,12 @@ class LocalHooks:
     ``extra_loss(named_params)`` is added to the loss (e.g. FedProx's proximal term);
     ``before_step(named_params)`` may edit gradients in place (e.g. SCAFFOLD's ``− c_k + c``).
     ``named_params`` maps trainable-state keys to the live parameters.
+    ``after_step(step)`` runs after each optimiser step (the engine's client deadline check).
     """
 
     extra_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
     before_step: Callable[[dict[str, torch.Tensor]], None] | None = None
+    after_step: Callable[[int], None] | None = None
 
 
 def local_train(
@@ -185,6 +187,8 @@ def local_train(
                 sched.step()
                 running += float(loss.detach())
                 step += 1
+                if hooks.after_step is not None:
+                    hooks.after_step(step)
     finally:
         balance.close()
     model.eval()
