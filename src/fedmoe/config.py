@@ -273,8 +273,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
+    except tomllib.TOMLDecodeError as exc:
+        if raw.strip()[:1] in ("\"", "'", "[", "{"):  # meant as TOML: a typo must not become a literal string
+            raise ConfigError(f"Override `{key}` value `{raw.strip()}` is not valid TOML ({exc}).",
+                              f'quote strings and close brackets, e.g. --set {key}="text" or {key}=[1, 2].') from None
+        value = raw  # a bare word: the string itself (e.g. model.name=tiny-mixtral)
     return key.split("."), value
 
 
@@ -305,6 +308,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
+    # the strategy registry (fedmoe.engine.strategies.STRATEGIES; a test keeps them equal)
+    "algorithm": ("fedmoe", "random_moe", "fedavg", "fedprox", "scaffold", "hfedmoe", "flex"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "train.finetune": ("lora", "full"),
     "engine.name": ("inprocess",),
