@@ -351,8 +351,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"`engine.name` = {cfg.engine.name!r}: `fedmoe run` drives the in-process engine only.",
                           "leave engine.name=inprocess; run on Flower with `flwr run .` (see docs/deploy.md).")
     for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"`{key}` = {_get(cfg, key)!r} is not one of {list(choices)}.", f"set --set {key}={choices[0]}.")
+        value = _get(cfg, key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+            fix = f"did you mean `{close[0]}`? (--set {key}={close[0]})" if close else f"set e.g. --set {key}={choices[0]}."
+            raise ConfigError(f"`{key}` = {value!r} is not one of {list(choices)}.", fix)
     for key, (lo, hi, inclusive) in _RANGES.items():
         v = _get(cfg, key)
         if not ((v >= lo if inclusive else v > lo) and v <= hi):
