@@ -174,13 +174,18 @@ def test_refresh_follows_restarted_and_lost_nodes():
     assert d.nodes == {0: 7, 1: 20} and d.missing() == [2]
 
 
-@pytest.mark.parametrize(("algorithm", "match"), [("fedavg", "Every node refused"), ("fedprox", "client-side hooks")])
-def test_algorithms_needing_client_code_fail_loudly(tmp_path, shared_data, algorithm, match):
+def test_client_closures_fail_loudly(tmp_path, shared_data, monkeypatch):
+    """Client code must be a named node plan: a strategy that hands out closures is refused."""
+    from fedmoe.engine.client import ClientPlan
+    from fedmoe.engine.strategies.baselines import FedProxStrategy
     from fedmoe.errors import ConfigError
+    from fedmoe.train.loop import LocalHooks
 
+    monkeypatch.setattr(FedProxStrategy, "client_plan",
+                        lambda self, run, cid, kept: ClientPlan(hooks=lambda extra_down: LocalHooks()))
     rc = run_config(shared_data)
-    rc[K.RUN_OVERRIDES] = f"{rc[K.RUN_OVERRIDES]}; algorithm={algorithm}"
-    with pytest.raises(ConfigError, match=match):
+    rc[K.RUN_OVERRIDES] = f"{rc[K.RUN_OVERRIDES]}; algorithm=fedprox"
+    with pytest.raises(ConfigError, match="closures"):
         run_federated(LocalGrid(client_app, node_configs(2), rc), AppSettings.from_run_config(rc), tmp_path)
 
 

@@ -16,6 +16,7 @@ import torch
 from fedmoe.config import ExperimentConfig
 from fedmoe.data.settings import ClientData
 from fedmoe.engine.faults import Deadline, InjectedFault, corrupt_upload
+from fedmoe.engine.node_plans import ClientStore, NodeTurn, SlotStore, build_node_plan
 from fedmoe.engine.payload import from_bytes, to_bytes
 from fedmoe.engine.trainables import Trainables
 from fedmoe.moe.families import MoEFamily
@@ -40,8 +41,11 @@ class ClientPlan:
     """Algorithm-specific extras for one client's turn.
 
     ``extra_down``: tensors sent besides the trainable state (e.g. SCAFFOLD's variates);
+    ``node_plan``: name of the algorithm's client code (:mod:`fedmoe.engine.node_plans`), built
+    on the client from local state and ``store`` — the form that also runs on a Flower node;
     ``hooks(extra_down)``: local-loop hooks; ``extra_up(model, extra_down, result)``:
-    tensors sent back besides the trainable state. All extras cross as bytes and count.
+    tensors sent back besides the trainable state (closures: in-process only). All extras
+    cross as bytes and count.
     ``setup_down_bytes`` / ``setup_up_bytes`` / ``setup_base_bytes``: sizes of messages the
     strategy already exchanged with this client for this turn before it (e.g. HFedMoE's
     expert-selection pass), serialised and measured by the strategy; added to the turn's record.
@@ -50,6 +54,9 @@ class ClientPlan:
     extra_down: dict[str, torch.Tensor] | None = None
     hooks: Any = None
     extra_up: Any = None
+    node_plan: str = ""
+    #: the client's own store for ``node_plan`` (local; never sent)
+    store: ClientStore | None = None
     setup_down_bytes: int = 0
     setup_up_bytes: int = 0
     setup_base_bytes: int = 0
@@ -98,15 +105,21 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
 
     def work():
         model = trainables.wrap(sub).to(ctx.device)
-        trainables.load(model, from_bytes(download))
+        state = from_bytes(download)
+        trainables.load(model, state)
         extra_down = from_bytes(extra_bytes)
         hooks: LocalHooks = plan.hooks(extra_down) if plan.hooks else LocalHooks()
+        extra_up_fn = plan.extra_up
+        if plan.node_plan:
+            turn = NodeTurn(ctx.cfg, ctx.family, client.client_id, client.task, list(state), extra_down,
+                            plan.store if plan.store is not None else SlotStore({}, client.client_id))
+            hooks, extra_up_fn = build_node_plan(plan.node_plan, turn)
         hooks.after_step = lambda step: deadline.check()
         if fault == "timeout":
             deadline.hang()
         res: LocalResult = local_train(model, ctx.family, ctx.kind, task, list(client.train), ctx.tokenizer,
                                        ctx.cfg.train, ctx.cfg.data, ctx.device, seed, hooks)
-        extra_up = plan.extra_up(model, extra_down, res) if plan.extra_up else None
+        extra_up = extra_up_fn(model, extra_down, res) if extra_up_fn else None
         inner = model.base_model.model if hasattr(model, "peft_config") else model
         with RoutingStats(inner, ctx.family) as stats:
             stats.token_masks = []
@@ -117,6 +130,7 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
         return model, res, scores, global_p(stats, sub.expert_map), extra_up
 
     (model, res, scores, p, extra_up), peak = measure(work)
+    trainables.keep_personal(model)
     state = {k: v.cpu() for k, v in trainables.upload_state(model, client.task).items()}
     if fault:
         state = corrupt_upload(state, fault)
@@ -126,6 +140,19 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
                         extra=from_bytes(extra_up_bytes), extra_down_bytes=len(extra_bytes))
     reply.extra_up_bytes = len(extra_up_bytes)
     return reply, model
+
+
+def evaluate_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: Trainables,
+                    download: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """A client's test scores on its sub-MoE with the given trainable tensors (the final
+    evaluation; the same code in-process and on a node). ``download`` None: the tensors
+    ``trainables`` holds for this client (:meth:`~fedmoe.engine.trainables.Trainables.for_client`)."""
+    model = trainables.wrap(sub).to(ctx.device)
+    if download is None:
+        download = trainables.for_client(model, sub.expert_map, client.task)
+    trainables.load(model, download)
+    return evaluate(model, ctx.kind, ctx.tasks[client.task], list(client.test), ctx.tokenizer, ctx.cfg.data,
+                    ctx.device, ctx.cfg.train.eval_batch_size)
 
 
 def _validate(ctx: ClientContext, model, task, client: ClientData, stats: RoutingStats) -> dict[str, float]:

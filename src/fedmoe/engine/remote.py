@@ -20,36 +20,40 @@ nothing here changes the in-process engine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedmoe.config import ExperimentConfig, config_to_dict, dump_toml, load_config
+from fedmoe.config import ExperimentConfig, dump_toml, load_config
 from fedmoe.core.aggregation import ClientUpdate
-from fedmoe.core.layout import UnitLayout
-from fedmoe.data.settings import ClientData, build_federation
-from fedmoe.engine.client import ClientContext, ClientPlan, ClientReply, run_client
-from fedmoe.engine.faults import Deadline, check_upload, expected_upload
+from fedmoe.engine.client import ClientReply
+from fedmoe.engine.faults import check_upload, expected_upload
+from fedmoe.engine.fingerprint import (  # noqa: F401 (re-exported)
+    config_fingerprint,
+    deployment_fingerprint,
+    model_fingerprint,
+)
+from fedmoe.engine.node import (  # noqa: F401 (re-exported: the client half)
+    NodeState,
+    build_node_state,
+    client_evaluation,
+    client_turn,
+    measure_fn,
+)
 from fedmoe.engine.payload import to_bytes
 from fedmoe.engine.records import ClientRecord, RoundRecord
-from fedmoe.engine.run import Run, _jsonable, write_outputs  # noqa: F401 (re-exported)
+from fedmoe.engine.run import Run, _jsonable, combine_scores, write_outputs  # noqa: F401 (re-exported)
 from fedmoe.engine.strategies.base import RoundPlan
 from fedmoe.engine.trainables import Trainables
 from fedmoe.errors import ConfigError
-from fedmoe.moe.families import MoEFamily
-from fedmoe.moe.models import load_model
 from fedmoe.moe.slicing import ExpertMap, extract
-from fedmoe.train.batching import model_kind
-from fedmoe.train.loop import pick_device, seed_everything
 
 
 # -- configuration -----------------------------------------------------------------------
@@ -61,29 +65,8 @@ def config_from_text(text: str, overrides: list[str] | None = None) -> Experimen
         return load_config(f.name, overrides)
 
 
-def config_fingerprint(cfg: ExperimentConfig, ignore: tuple[str, ...] = ("data.data_dir",)) -> str:
-    """SHA-256 of the resolved config, without node-local keys (``ignore``, dotted)."""
-    d = config_to_dict(cfg)
-    for key in ignore:
-        *path, last = key.split(".")
-        node = d
-        for part in path:
-            node = node.get(part, {})
-        node.pop(last, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a model's structure (state keys, shapes, dtypes): a node's base model must
-    match the server's (a strategy may replace the global model, e.g. with fewer experts)."""
-    text = "\n".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in model.state_dict().items())
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def deployment_fingerprint(cfg: ExperimentConfig, base: nn.Module) -> str:
-    """What server and node must agree on: the resolved config (node-local keys left out) and
-    the base model's structure."""
-    return hashlib.sha256(f"{config_fingerprint(cfg)}/{model_fingerprint(base)}".encode()).hexdigest()
+#: ``ClientJob.round`` of a final-evaluation job
+EVAL_ROUND = -1
 
 
 def client_seed(cfg: ExperimentConfig, rnd: int, cid: int) -> int:
@@ -119,39 +102,74 @@ class ClientJob:
     trainables: Trainables | None = None
     #: modelled setup traffic the strategy reports (``ClientPlan.setup_*_bytes``): down, up, base
     setup_bytes: tuple[int, int, int] = (0, 0, 0)
+    #: the strategy's client code, by name (``ClientPlan.node_plan``; "" = none)
+    node_plan: str = ""
+    #: the strategy's client trainables, by name (``Strategy.client_kind``; "" = the default)
+    client_kind: str = ""
 
 
 def prepare_client(run: Run, cid: int, kept: list[list[int]], stage: int, rnd: int) -> ClientJob:
     """First half of ``Run._client``: what to send client ``cid`` this round.
 
-    Raises :class:`ConfigError` when the strategy needs client-side code a node does not
-    have: hooks (a ``ClientPlan`` with ``hooks`` / ``extra_up`` callables, which cannot cross
-    a network) or its own ``Trainables`` class (client state kept between rounds).
+    The strategy's client code travels by name (``ClientPlan.node_plan``; its ``extra_down``
+    tensors as data). A strategy with its own client trainables names its client kind
+    (``Strategy.client_kind``): the node builds them and keeps their state, and the server reads
+    replies with the global ``run.trainables`` — whose ``upload_state`` writes nothing.
+
+    Raises :class:`ConfigError` when the strategy needs client-side code that cannot cross a
+    network: closures (a ``ClientPlan`` with ``hooks`` / ``extra_up``) or its own
+    ``Trainables`` without a registered client kind.
     """
     client = run.clients[cid]
-    trainables = run.strategy.client_trainables(run, cid, rnd)
-    if type(trainables) is not Trainables:
+    kind = run.strategy.client_kind
+    trainables = run.trainables if kind else run.strategy.client_trainables(run, cid, rnd)
+    if type(trainables) is not Trainables and not kind:
         raise ConfigError(
-            f"Algorithm `{run.cfg.algorithm}` uses its own client trainables ({type(trainables).__name__}), "
-            "which remote nodes do not have.", "run it with the in-process engine (`fedmoe run`).")
+            f"Algorithm `{run.cfg.algorithm}` uses its own client trainables ({type(trainables).__name__}) "
+            "without a client kind, which remote nodes cannot build.",
+            "run it with the in-process engine (`fedmoe run`), or register a client kind "
+            "(fedmoe.engine.node_plans.register_client_kind) and set the strategy's `client_kind`.")
     sub = extract(run.base, kept, run.family)
     template = trainables.wrap(sub)
     download = trainables.for_client(template, sub.expert_map, client.task)
     cplan = run.strategy.client_plan(run, cid, kept)
     if cplan is not None and (cplan.hooks is not None or cplan.extra_up is not None):
         raise ConfigError(
-            f"Algorithm `{run.cfg.algorithm}` runs client-side hooks, which a remote engine cannot send.",
-            "run it with the in-process engine (`fedmoe run`), or give its strategy a node-side plan.",
+            f"Algorithm `{run.cfg.algorithm}` runs client-side closures, which a remote engine cannot send.",
+            "run it with the in-process engine (`fedmoe run`), or give its strategy a named node plan "
+            "(fedmoe.engine.node_plans.register_node_plan, ClientPlan.node_plan).",
         )
     extra = {k: v.detach().cpu() for k, v in (cplan.extra_down or {}).items()} if cplan else {}
     setup = (cplan.setup_down_bytes, cplan.setup_up_bytes, cplan.setup_base_bytes) if cplan else (0, 0, 0)
     return ClientJob(cid, client.task, stage, rnd, client_seed(run.cfg, rnd, cid), [list(k) for k in kept],
-                     sub.expert_map, download, extra, template, trainables, setup)
+                     sub.expert_map, download, extra, template, trainables, setup,
+                     node_plan=cplan.node_plan if cplan else "", client_kind=kind)
+
+
+def prepare_evaluation(run: Run, cid: int, kept: list[list[int]]) -> ClientJob:
+    """What a node needs for client ``cid``'s final evaluation (strategies with a client kind):
+    the global tensors shaped for its sub-MoE, as ``Run.final_scores`` loads them."""
+    client = run.clients[cid]
+    sub = extract(run.base, kept, run.family)
+    template = run.trainables.wrap(sub)
+    download = run.trainables.for_client(template, sub.expert_map, client.task)
+    return ClientJob(cid, client.task, 0, EVAL_ROUND, 0, [list(k) for k in kept], sub.expert_map, download,
+                     client_kind=run.strategy.client_kind)
 
 
 def reply_from_parts(upload: dict[str, torch.Tensor], metrics: dict[str, float], p: np.ndarray,
-                     extra_up: dict[str, torch.Tensor] | None = None) -> ClientReply:
-    """Rebuild a :class:`ClientReply` on the server from what crossed the network."""
+                     extra_up: dict[str, torch.Tensor] | None = None, width: int | None = None) -> ClientReply:
+    """Rebuild a :class:`ClientReply` on the server from what crossed the network.
+
+    ``width``: the server's number of experts per layer (``max(global_num_experts)`` of the
+    job's expert map). A node indexes ``p`` by its own base model's experts; when the strategy
+    replaced the global model by a smaller one (a prefix of each layer's experts), the columns
+    beyond ``width`` are experts the client did not hold (zero) and are dropped.
+    """
+    if width is not None and p.shape[-1] != width:
+        if p.shape[-1] < width or np.any(p[..., width:]):
+            raise ValueError(f"routing statistics have {p.shape[-1]} expert columns; the server's model has {width}")
+        p = p[..., :width]
     return ClientReply(
         upload=to_bytes(upload), loss=float(metrics["loss"]), score=float(metrics["score"]), p=p,
         steps=int(metrics["steps"]), peak_memory_bytes=int(metrics["peak_memory_bytes"]),
@@ -245,60 +263,3 @@ def start_outputs(cfg: ExperimentConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "rounds.jsonl").write_text("")
     (out / "config.toml").write_text(dump_toml(cfg))
-
-
-# -- client half --------------------------------------------------------------------------
-@dataclass
-class NodeState:
-    """What a client node builds once from the experiment config (as ``Run.__init__`` does)."""
-
-    cfg: ExperimentConfig
-    base: nn.Module
-    family: MoEFamily
-    ctx: ClientContext
-    clients: dict[int, ClientData]
-    trainables: Trainables
-
-
-def build_node_state(cfg: ExperimentConfig) -> NodeState:
-    """Load the base model and the federation's data like ``Run.__init__`` (no budgets, no global state).
-
-    A node holds every client's partition only in this emulated set-up; it serves the
-    ones its ``partition-id`` selects.
-    """
-    seed_everything(cfg.seed)
-    base, family, tokenizer = load_model(cfg.model.name, cfg.seed, cfg.model.dtype)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    fed = build_federation(cfg)
-    ctx = ClientContext(cfg, family, model_kind(family.name), tokenizer, pick_device(cfg.engine.device), fed.tasks)
-    t = cfg.train
-    trainables = Trainables(family, t.finetune, t.lora_r, t.lora_alpha, t.lora_dropout, {}, UnitLayout())
-    return NodeState(cfg, base, family, ctx, {c.client_id: c for c in fed.clients}, trainables)
-
-
-def measure_fn(cfg: ExperimentConfig) -> Callable[[Callable[[], Any]], tuple[Any, int]]:
-    """``measure(fn) -> (result, peak_bytes)`` as ``Run._measure`` does."""
-
-    def measure(fn: Callable[[], Any]) -> tuple[Any, int]:
-        if not cfg.engine.measure_memory:
-            return fn(), 0
-        from fedmoe.moe.memory import measure_peak
-
-        return measure_peak(fn)
-
-    return measure
-
-
-def client_turn(node: NodeState, cid: int, kept: list[list[int]], download: dict[str, torch.Tensor], seed: int,
-                extra_down: dict[str, torch.Tensor] | None = None,
-                measure: Callable[[Callable[[], Any]], tuple[Any, int]] | None = None,
-                fault: str | None = None) -> ClientReply:
-    """Client half: extract the sub-MoE from the node's base model and run :func:`run_client`
-    (with the node's ``engine.client_timeout_s`` and, for drills, an injected ``fault``)."""
-    client = node.clients[cid]
-    sub = extract(node.base, kept, node.family)
-    cplan = ClientPlan(extra_down=extra_down) if extra_down else None
-    reply, _ = run_client(node.ctx, client, sub, node.trainables, to_bytes(download), seed,
-                          measure or measure_fn(node.cfg), cplan, Deadline(node.cfg.engine.client_timeout_s), fault)
-    return reply

@@ -19,8 +19,9 @@ from fedmoe.config import ExperimentConfig, dump_toml
 from fedmoe.data.settings import build_federation
 from fedmoe.engine.budget import MemoryPlan, plan_memory
 from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from fedmoe.engine.client import ClientContext, ClientPlan, run_client
+from fedmoe.engine.client import ClientContext, ClientPlan, evaluate_client, run_client
 from fedmoe.engine.faults import Deadline, check_upload, expected_upload, parse_faults
+from fedmoe.engine.fingerprint import model_fingerprint
 from fedmoe.engine.payload import from_bytes, to_bytes
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.strategies import get_strategy
@@ -30,7 +31,6 @@ from fedmoe.errors import RunStopped
 from fedmoe.moe.models import load_model
 from fedmoe.moe.slicing import extract, layout_of
 from fedmoe.train.batching import model_kind
-from fedmoe.train.evaluate import evaluate
 from fedmoe.train.loop import pick_device, seed_everything
 
 
@@ -57,6 +57,8 @@ class Run:
         self.latest_p: dict[int, np.ndarray] = {}  # client → p of its latest participation
         self.p_snapshots: dict[str, dict[str, list]] = {}  # "after_stage1" / "end" → task → mean p
         self.faults = parse_faults(cfg.engine.inject_faults)  # tests and drills only
+        #: structure of the model as loaded, before the strategy may replace it (what nodes load)
+        self.loaded_structure = model_fingerprint(self.base)
         self.strategy.setup(self)
 
     def use_model(self, model: Any, plan: MemoryPlan | None = None) -> None:
@@ -183,21 +185,26 @@ class Run:
     # -- final evaluation --------------------------------------------------------------
     def final_scores(self) -> dict[str, dict[str, float]]:
         """Example-weighted mean test scores per task, each client on its own sub-MoE."""
-        per_task: dict[str, list[tuple[int, dict[str, float]]]] = {}
+        rows = []
         for cid, kept in self.strategy.final_sets(self).items():
             client = self.clients[cid]
             sub = extract(self.base, kept, self.family)
             trainables = self.strategy.client_trainables(self, cid, None)
-            model = trainables.wrap(sub).to(self.device)
-            trainables.load(model, trainables.for_client(model, sub.expert_map, client.task))
-            scores = evaluate(model, self.kind, self.fed.tasks[client.task], list(client.test), self.tokenizer,
-                              self.cfg.data, self.device, self.cfg.train.eval_batch_size)
-            per_task.setdefault(client.task, []).append((len(client.test), scores))
-        out = {}
-        for task, rows in sorted(per_task.items()):
-            n = sum(w for w, _ in rows)
-            out[task] = {k: sum(w * s[k] for w, s in rows) / n for k in rows[0][1]}
-        return out
+            rows.append((client.task, len(client.test), evaluate_client(self.ctx, client, sub, trainables)))
+        return combine_scores(rows)
+
+
+def combine_scores(rows: list[tuple[str, int, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per task, the mean of the clients' scores weighted by their test examples;
+    ``rows`` = ``(task, num_test_examples, scores)`` in client order."""
+    per_task: dict[str, list[tuple[int, dict[str, float]]]] = {}
+    for task, n, scores in rows:
+        per_task.setdefault(task, []).append((n, scores))
+    out = {}
+    for task, pairs in sorted(per_task.items()):
+        n = sum(w for w, _ in pairs)
+        out[task] = {k: sum(w * s[k] for w, s in pairs) / n for k in pairs[0][1]}
+    return out
 
 
 def _reason(exc: BaseException) -> str:
@@ -266,10 +273,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = N
     return write_outputs(run, t0)
 
 
-def write_outputs(run: Run, t0: float) -> dict[str, Any]:
-    """Tail of ``run_experiment``: final evaluation, ``summary.json``, expert map, global tensors."""
+def write_outputs(run: Run, t0: float, scores: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """Tail of ``run_experiment``: final evaluation, ``summary.json``, expert map, global tensors.
+
+    ``scores``: final scores computed elsewhere (on the clients' nodes, for strategies whose
+    clients keep personal state the server does not have); None: :meth:`Run.final_scores`.
+    """
     cfg, out = run.cfg, run.out
-    scores = run.final_scores()
+    scores = run.final_scores() if scores is None else scores
     clients = [c for rr in run.rounds for c in rr.clients if not c.error]
     peaks = [c.peak_memory_bytes for c in clients] or [0]
     summary: dict[str, Any] = {

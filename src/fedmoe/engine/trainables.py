@@ -74,6 +74,13 @@ class Trainables:
         else:
             load_trainable_state(model, state, allow_missing=tuple(f"{t}_head." for t in HEAD_TASKS))
 
+    def keep_personal(self, model: nn.Module) -> None:
+        """After training: keep what stays on the client (nothing here; FLEx's side experts).
+
+        Separate from :meth:`upload_state`, which only computes what is sent: the server
+        calls that on its own templates to check replies, which must not write client state.
+        """
+
     def upload_state(self, model: nn.Module, task: str) -> dict[str, torch.Tensor]:
         """What the client sends back: its trainable tensors, without other tasks' heads."""
         return {k: v for k, v in self.client_state(model).items() if not _other_heads(k, task)}

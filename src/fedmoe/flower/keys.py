@@ -21,6 +21,10 @@ RUN_OUT_DIR = "out-dir"
 RUN_ROUND_TIMEOUT = "round-timeout"
 #: seconds the server waits for SuperNodes to cover every partition
 RUN_DISCOVERY_TIMEOUT = "discovery-timeout"
+#: outputs go exactly here instead of ``<out-dir>/<run-id>/`` (``fedmoe run --engine flower-sim``)
+RUN_OUT_PATH = "out-path"
+#: state directory of nodes whose node config has no ``state-dir`` (e.g. simulated SuperNodes)
+RUN_NODE_STATE_DIR = "node-state-dir"
 #: test-only fault injection: ``"ROUND:CLIENT[,ROUND:CLIENT…]"`` makes those turns raise
 RUN_INJECT_FAULT = "inject-fault"
 
@@ -29,6 +33,10 @@ NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 #: optional node-local override of ``data.data_dir``
 NODE_DATA_DIR = "data-dir"
+#: where the node keeps its clients' own state between turns (SCAFFOLD's c_k, FLEx's side
+#: experts): ``<state-dir>/run-<run id>/client-<cid>/``; default: run config ``node-state-dir``,
+#: else ``<temp dir>/fedmoe-node-state``
+NODE_STATE_DIR = "state-dir"
 
 # -- message content: record names ---------------------------------------------------------
 #: ArrayRecord: trainable tensors (server → client: the sub-MoE's share of the global
@@ -42,6 +50,8 @@ REC_ROUTING = "routing"
 REC_CONFIG = "config"
 #: MetricRecord: loss, score, steps, peak memory of a reply
 REC_METRICS = "metrics"
+#: MetricRecord: a client's final test scores (evaluate reply; metric name → value)
+REC_SCORES = "scores"
 
 # -- message content: keys inside records ---------------------------------------------------
 CFG_CLIENT_ID = "client-id"
@@ -53,6 +63,12 @@ CFG_EXPERT_MAP = "expert-map"
 #: SHA-256 of the resolved experiment config (node-local keys left out) and the base model's
 #: structure: server and node must agree
 CFG_FINGERPRINT = "config-sha256"
+#: name of the strategy's client code the node builds (``ClientPlan.node_plan``; "" = none)
+CFG_NODE_PLAN = "node-plan"
+#: name of the strategy's client trainables (``Strategy.client_kind``; "" = the default)
+CFG_CLIENT_KIND = "client-kind"
+#: number of test examples behind an evaluation reply's scores (the weight of the client)
+CFG_NUM_EXAMPLES = "num-examples"
 CFG_PARTITION_ID = NODE_PARTITION_ID
 CFG_NUM_PARTITIONS = NODE_NUM_PARTITIONS
 

@@ -95,6 +95,8 @@ class TrainRequest:
     download: dict[str, torch.Tensor]
     extra_down: dict[str, torch.Tensor]
     fingerprint: str
+    node_plan: str = ""
+    client_kind: str = ""
 
 
 def job_content(job: ClientJob, fingerprint: str) -> RecordDict:
@@ -106,6 +108,7 @@ def job_content(job: ClientJob, fingerprint: str) -> RecordDict:
     content[K.REC_CONFIG] = ConfigRecord({
         K.CFG_CLIENT_ID: job.client_id, K.CFG_ROUND: job.round, K.CFG_STAGE: job.stage, K.CFG_SEED: job.seed,
         K.CFG_EXPERT_MAP: job.expert_map.to_json(), K.CFG_FINGERPRINT: fingerprint,
+        K.CFG_NODE_PLAN: job.node_plan, K.CFG_CLIENT_KIND: job.client_kind,
     })
     return content
 
@@ -118,7 +121,8 @@ def parse_request(content: RecordDict) -> TrainRequest:
         client_id=int(cfg[K.CFG_CLIENT_ID]), round=int(cfg[K.CFG_ROUND]), stage=int(cfg[K.CFG_STAGE]),
         seed=int(cfg[K.CFG_SEED]), expert_map=ExpertMap.from_json(str(cfg[K.CFG_EXPERT_MAP])),
         download=record_to_state(content[K.REC_TRAINABLES]), extra_down=extra,
-        fingerprint=str(cfg[K.CFG_FINGERPRINT]),
+        fingerprint=str(cfg[K.CFG_FINGERPRINT]), node_plan=str(cfg.get(K.CFG_NODE_PLAN, "")),
+        client_kind=str(cfg.get(K.CFG_CLIENT_KIND, "")),
     )
 
 
@@ -160,3 +164,19 @@ def parse_reply(content: RecordDict) -> TrainResult:
         p=np.array(content[K.REC_ROUTING][K.ARR_P].numpy(), dtype=np.float64, copy=True),
         metrics={k: float(met[k]) for k in (K.MET_LOSS, K.MET_SCORE, K.MET_STEPS, K.MET_PEAK_MEMORY)},
     )
+
+
+# -- final evaluation on a node (evaluate messages) -----------------------------------------------
+def scores_content(client_id: int, num_examples: int, scores: Mapping[str, float]) -> RecordDict:
+    """The content of an evaluate reply: the client's test scores and their weight."""
+    content = RecordDict()
+    content[K.REC_SCORES] = MetricRecord({k: float(v) for k, v in scores.items()})
+    content[K.REC_CONFIG] = ConfigRecord({K.CFG_CLIENT_ID: client_id, K.CFG_NUM_EXAMPLES: num_examples})
+    return content
+
+
+def parse_scores(content: RecordDict) -> tuple[int, int, dict[str, float]]:
+    """Inverse of :func:`scores_content`: ``(client_id, num_examples, scores)``."""
+    cfg = content[K.REC_CONFIG]
+    scores = {k: float(v) for k, v in content[K.REC_SCORES].items()}
+    return int(cfg[K.CFG_CLIENT_ID]), int(cfg[K.CFG_NUM_EXAMPLES]), scores

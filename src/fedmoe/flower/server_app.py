@@ -9,7 +9,12 @@ ones and updates expert sets. A client whose turn fails — an error reply (the 
 raised, the node is unavailable …), no reply within ``round-timeout``, or no node serving
 its partition — is left out of aggregation and logged in ``rounds.jsonl`` with ``error``.
 
-Outputs (as ``fedmoe run``'s, see :mod:`fedmoe.engine.run`) land in ``<out-dir>/<run-id>/``,
+Strategies whose clients keep personal state (``Strategy.client_kind``: FLEx) get their final
+evaluation on the nodes (one ``evaluate`` message per client); the others are evaluated on
+the server, as in-process.
+
+Outputs (as ``fedmoe run``'s, see :mod:`fedmoe.engine.run`) land in ``<out-dir>/<run-id>/``
+(or exactly in ``out-path`` when set),
 relative paths being relative to the ServerApp's working directory (the SuperLink's).
 Byte counts are those of the Flower messages: ``bytes_down`` / ``bytes_up`` are the
 serialised content of each request / reply; ``bytes_down_base`` is 0, since nodes build the
@@ -33,11 +38,13 @@ from fedmoe.engine.faults import ClientFault
 from fedmoe.engine.records import RoundRecord
 from fedmoe.engine.remote import (
     close_round,
+    combine_scores,
     deployment_fingerprint,
     failed_record,
     finish_client,
     maybe_checkpoint,
     prepare_client,
+    prepare_evaluation,
     reply_from_parts,
     round_plans,
     start_outputs,
@@ -45,9 +52,9 @@ from fedmoe.engine.remote import (
 )
 from fedmoe.engine.run import Run, check_empty_rounds
 from fedmoe.engine.strategies.base import RoundPlan
-from fedmoe.errors import ConfigError
+from fedmoe.errors import ConfigError, RunStopped
 from fedmoe.flower import keys as K
-from fedmoe.flower.records import content_bytes, job_content, parse_reply
+from fedmoe.flower.records import content_bytes, job_content, parse_reply, parse_scores
 from fedmoe.flower.settings import AppSettings, parse_identity, partition_of
 
 app = ServerApp()
@@ -65,8 +72,7 @@ REFRESH_TIMEOUT_S = 30.0
 def main(grid: Grid, context: Context) -> None:
     """Entry point: run the experiment named by the run config on the connected SuperNodes."""
     settings = AppSettings.from_run_config(context.run_config)
-    out = Path(settings.out_dir).expanduser().resolve() / str(context.run_id)
-    run_federated(grid, settings, out)
+    run_federated(grid, settings, settings.output_dir(context.run_id))
 
 
 # -- nodes ------------------------------------------------------------------------------------
@@ -230,10 +236,11 @@ def federated_round(grid: Grid, run: Run, plan: RoundPlan, nodes: NodeDirectory,
             log(WARNING, "[fedmoe] round %s client %s failed: %s", plan.round, cid, error)
             records.append(failed_record(run, job, error, sent.get(cid, 0)))
             continue
-        client_reply = reply_from_parts(result.upload, result.metrics, result.p, result.extra_up)
         try:
+            client_reply = reply_from_parts(result.upload, result.metrics, result.p, result.extra_up,
+                                            max(job.expert_map.global_num_experts))
             rec, upd = finish_client(run, job, client_reply, result.upload, sent[cid], content_bytes(reply.content))
-        except ClientFault as exc:
+        except (ClientFault, ValueError) as exc:
             log(WARNING, "[fedmoe] round %s client %s: %s", plan.round, cid, exc)
             rec = failed_record(run, job, str(exc), sent[cid])
             rec.bytes_up = content_bytes(reply.content)  # the rejected reply still crossed the network
@@ -246,12 +253,56 @@ def federated_round(grid: Grid, run: Run, plan: RoundPlan, nodes: NodeDirectory,
     if records and not ok and all(K.ERR_MISMATCH in r.error for r in records):
         raise ConfigError(f"Every node refused round {plan.round}: its experiment config or base model "
                           f"{K.ERR_MISMATCH} ({records[0].error}).",
-                          "install the same fedmoe version everywhere and use the same run config; strategies "
-                          "that replace the global model (fedavg, fedprox, scaffold) need the in-process engine.")
+                          "install the same fedmoe version everywhere and use the same run config.")
     rr = close_round(run, plan, records, updates, ok, t0)
     log(INFO, "[fedmoe] round %s (stage %s): %d/%d clients ok, %.1f s", plan.round, plan.stage, len(ok),
         len(plan.sampled), rr.wall_time_s)
     return rr
+
+
+def evaluate_on_nodes(grid: Grid, run: Run, nodes: NodeDirectory, fingerprint: str,
+                      timeout: float) -> dict[str, dict[str, float]]:
+    """Final evaluation on the nodes, for strategies whose clients keep personal state (FLEx):
+    an ``evaluate`` message per client of ``final_sets`` with the global tensors for its sub-MoE;
+    the scores are combined as ``Run.final_scores`` does. A client whose evaluation fails is
+    left out (logged); if every one fails the run stops with an error."""
+    waiting: dict[str, int] = {}
+    failed: dict[int, str] = {}
+    order = list(run.strategy.final_sets(run).items())
+    for cid, kept in order:
+        node = nodes.node_for(cid)
+        if node is None:
+            failed[cid] = f"no SuperNode serves partition {partition_of(cid, nodes.num_partitions)}"
+            continue
+        content = job_content(prepare_evaluation(run, cid, kept), fingerprint)
+        msg = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id="final")
+        for mid in _push(grid, [msg], 1):
+            if mid:
+                waiting[mid] = cid
+            else:
+                failed[cid] = "the SuperLink did not accept the message"
+    replies = collect_replies(grid, waiting, timeout)
+    rows = []
+    for cid, _ in order:
+        reply = replies.get(cid)
+        if cid in failed:
+            continue
+        if reply is None:
+            failed[cid] = f"no reply within {timeout:g} s"
+        elif reply.has_error():
+            failed[cid] = _error_text(reply)
+        else:
+            rcid, n, scores = parse_scores(reply.content)
+            if rcid != cid:
+                failed[cid] = f"malformed reply: scores for client {rcid}"
+                continue
+            rows.append((run.clients[cid].task, n, scores))
+    for cid, error in failed.items():
+        log(WARNING, "[fedmoe] final evaluation of client %s failed: %s", cid, error)
+    if not rows:
+        raise RunStopped(f"The final evaluation failed on every node ({len(failed)} clients).",
+                         "check the SuperNodes' logs and state directories (node config `state-dir`).")
+    return combine_scores(rows)
 
 
 def _push(grid: Grid, messages: list[Message], n: int) -> Iterable[str | None]:
@@ -269,13 +320,17 @@ def run_federated(grid: Grid, settings: AppSettings, out: Path) -> dict[str, Any
     log(INFO, "[fedmoe] experiment %s, outputs in %s", settings.experiment, out)
     run = Run(cfg, out)
     nodes = discover_nodes(grid, settings.discovery_timeout)
-    fingerprint = deployment_fingerprint(cfg, run.base)
+    fingerprint = deployment_fingerprint(cfg, run.loaded_structure)  # the model as loaded, as nodes load it
     for plan in round_plans(run):
         nodes = refresh_nodes(grid, nodes, min(settings.discovery_timeout, REFRESH_TIMEOUT_S))
         federated_round(grid, run, plan, nodes, fingerprint, settings.round_timeout)
         maybe_checkpoint(run, plan.round)
         check_empty_rounds(run)
-    summary = write_outputs(run, t0)
+    scores = None
+    if run.strategy.client_kind:  # personal state lives on the nodes: they evaluate
+        nodes = refresh_nodes(grid, nodes, min(settings.discovery_timeout, REFRESH_TIMEOUT_S))
+        scores = evaluate_on_nodes(grid, run, nodes, fingerprint, settings.round_timeout)
+    summary = write_outputs(run, t0, scores)
     log(INFO, "[fedmoe] done: %d rounds, %d failed client turns, scores %s", summary["rounds"],
         summary["failed_client_turns"], summary["scores"])
     return summary

@@ -1,6 +1,9 @@
 """Run config and node config of the Flower apps (light: no torch import, so a SuperNode
 answers identity queries quickly).
 
+Node state: clients' own state between turns (SCAFFOLD's ``c_k``, FLEx's side experts) goes
+under :meth:`NodeIdentity.run_state_dir` (node config ``state-dir``).
+
 Node identity: a SuperNode started with ``--node-config "partition-id=P num-partitions=N"``
 serves the experiment's clients ``c`` with ``c % N == P`` (the Flower simulation engine sets
 both keys itself). With ``N`` equal to ``setting.num_clients`` each node is one client.
@@ -9,6 +12,7 @@ both keys itself). With ``N`` equal to ``setting.num_clients`` each node is one 
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +65,8 @@ class AppSettings:
     round_timeout: float = DEFAULT_ROUND_TIMEOUT
     discovery_timeout: float = DEFAULT_DISCOVERY_TIMEOUT
     faults: dict[tuple[int, int], str] = field(default_factory=dict)
+    out_path: str = ""
+    node_state_dir: str = ""
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> AppSettings:
@@ -71,7 +77,15 @@ class AppSettings:
             round_timeout=float(rc.get(K.RUN_ROUND_TIMEOUT, DEFAULT_ROUND_TIMEOUT)),
             discovery_timeout=float(rc.get(K.RUN_DISCOVERY_TIMEOUT, DEFAULT_DISCOVERY_TIMEOUT)),
             faults=parse_faults(str(rc.get(K.RUN_INJECT_FAULT, ""))),
+            out_path=str(rc.get(K.RUN_OUT_PATH, "")),
+            node_state_dir=str(rc.get(K.RUN_NODE_STATE_DIR, "")),
         )
+
+    def output_dir(self, run_id: int) -> Path:
+        """Where the ServerApp writes: ``out-path`` when set, else ``<out-dir>/<run-id>/``."""
+        if self.out_path:
+            return Path(self.out_path).expanduser().resolve()
+        return Path(self.out_dir).expanduser().resolve() / str(run_id)
 
     def experiment_config(self, data_dir: str = "") -> ExperimentConfig:
         """The resolved experiment config; ``data_dir`` (node-local) overrides ``data.data_dir``."""
@@ -88,6 +102,7 @@ class NodeIdentity:
     partition_id: int
     num_partitions: int
     data_dir: str = ""
+    state_dir: str = ""
 
     @classmethod
     def from_node_config(cls, nc: Mapping[str, Any]) -> NodeIdentity:
@@ -96,7 +111,8 @@ class NodeIdentity:
                 f"SuperNode has no `{K.NODE_PARTITION_ID}` / `{K.NODE_NUM_PARTITIONS}` in its node config.",
                 'start it with --node-config "partition-id=0 num-partitions=2".',
             )
-        ident = cls(int(nc[K.NODE_PARTITION_ID]), int(nc[K.NODE_NUM_PARTITIONS]), str(nc.get(K.NODE_DATA_DIR, "")))
+        ident = cls(int(nc[K.NODE_PARTITION_ID]), int(nc[K.NODE_NUM_PARTITIONS]), str(nc.get(K.NODE_DATA_DIR, "")),
+                    str(nc.get(K.NODE_STATE_DIR, "")))
         if not 0 <= ident.partition_id < ident.num_partitions:
             raise ConfigError(f"partition-id={ident.partition_id} is outside 0..num-partitions-1.",
                               f"use 0 … {ident.num_partitions - 1}.")
@@ -104,6 +120,14 @@ class NodeIdentity:
 
     def serves(self, client_id: int) -> bool:
         return partition_of(client_id, self.num_partitions) == self.partition_id
+
+    def run_state_dir(self, settings: AppSettings, run_id: int) -> Path:
+        """This node's state directory for run ``run_id``: ``<state-dir>/run-<run id>/``, with
+        ``state-dir`` from the node config, else the run config's ``node-state-dir``, else
+        ``<temp dir>/fedmoe-node-state``. Per run, so a new run never picks up an old run's
+        client state; the same run id after a node restart finds it again."""
+        root = self.state_dir or settings.node_state_dir or str(Path(tempfile.gettempdir()) / "fedmoe-node-state")
+        return Path(root).expanduser().resolve() / f"run-{run_id}"
 
 
 def partition_of(client_id: int, num_partitions: int) -> int:

@@ -27,6 +27,12 @@ class RoundPlan:
 class Strategy:
     """Default behaviour: modular aggregation of the trainable state, no extras."""
 
+    #: non-empty: clients wrap their model with their own trainables and keep personal state
+    #: between rounds (:func:`fedmoe.engine.node_plans.register_client_kind`); a remote engine
+    #: asks nodes to build that kind, checks replies with the global ``run.trainables`` and runs
+    #: the final evaluation on the nodes, since only they hold the personal state
+    client_kind: str = ""
+
     def __init__(self, name: str) -> None:
         self.name = name
 

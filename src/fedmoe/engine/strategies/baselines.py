@@ -35,17 +35,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmoe.algorithms import fedavg, fedprox, scaffold
+from fedmoe.algorithms import fedavg, scaffold
 from fedmoe.algorithms.fedmoe import MemoryTable
 from fedmoe.core.aggregation import ClientUpdate
 from fedmoe.engine.budget import MemoryPlan
 from fedmoe.engine.client import ClientPlan, ClientReply
+from fedmoe.engine.node_plans import SlotStore
 from fedmoe.engine.payload import from_bytes
 from fedmoe.engine.strategies.base import RoundPlan, Strategy
 from fedmoe.engine.trainables import HEAD_TASKS
 from fedmoe.errors import BudgetError, ConfigError
 from fedmoe.moe.slicing import extract
-from fedmoe.train.loop import LocalHooks, LocalResult
 
 if TYPE_CHECKING:
     from fedmoe.engine.run import Run
@@ -170,9 +170,9 @@ class FedProxStrategy(BaselineStrategy):
     """FedProx (Li et al. 2020): FedAvg + ``(μ/2)‖w − w_global‖²`` in the local loss, μ = ``baseline.fedprox_mu``."""
 
     def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan:
-        mu = run.cfg.baseline.fedprox_mu
-        keys = set(client_keys(run.trainables.state, self.tasks[cid]))
-        return ClientPlan(hooks=lambda extra_down: LocalHooks(extra_loss=fedprox.ProximalTerm(mu, keys)))
+        """The proximal term is built on the client (node plan ``fedprox``) over the tensors it
+        received — :func:`client_keys` of the global state — so it runs on Flower nodes too."""
+        return ClientPlan(node_plan="fedprox")
 
 
 class ScaffoldStrategy(BaselineStrategy):
@@ -180,8 +180,9 @@ class ScaffoldStrategy(BaselineStrategy):
 
     Server state: ``c`` (and N per key, the number of clients holding that tensor). Client
     state: ``c_k`` lives on the client — in this in-process simulation it is kept in
-    :attr:`client_variates`, written only by the client's own turn (:meth:`client_plan`'s
-    ``extra_up``) and read only when building that client's hooks; it never crosses the wire.
+    :attr:`client_variates`, written only by the client's own turn (node plan ``scaffold``,
+    :mod:`fedmoe.engine.node_plans`) and read only when building that client's hooks; it never
+    crosses the wire. On a Flower node it lives in the node's state directory.
     Down: ``w`` and ``c``; up: ``w_k`` and ``Δc_k``; both counted.
     """
 
@@ -196,19 +197,10 @@ class ScaffoldStrategy(BaselineStrategy):
         self.client_variates: dict[int, dict[str, torch.Tensor]] = {}  #: client-held c_k
 
     def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan:
+        """``c`` goes down; the client's code is the node plan ``scaffold``, with ``c_k`` in
+        :attr:`client_variates` (in-process; on a Flower node, in the node's store)."""
         down = {k: self.server.c[k] for k in client_keys(run.trainables.state, self.tasks[cid]) if k in self.server.c}
-        turn: dict[str, scaffold.ScaffoldClient] = {}
-
-        def hooks(extra_down: dict[str, torch.Tensor]) -> LocalHooks:
-            turn["client"] = scaffold.ScaffoldClient(extra_down, self.client_variates.get(cid, {}))
-            return LocalHooks(before_step=turn["client"].before_step)
-
-        def extra_up(model: nn.Module, extra_down: dict[str, torch.Tensor], res: LocalResult) -> dict[str, torch.Tensor]:
-            c_new, delta = turn["client"].finish(res.steps, res.lr)
-            self.client_variates[cid] = c_new
-            return delta
-
-        return ClientPlan(extra_down=down, hooks=hooks, extra_up=extra_up)
+        return ClientPlan(extra_down=down, node_plan="scaffold", store=SlotStore(self.client_variates, cid))
 
     def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
         uploads = [scaffold.ScaffoldUpload(u.client_id, u.num_examples, u.weights, dict(replies[u.client_id].extra or {}))

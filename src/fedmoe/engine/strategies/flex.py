@@ -17,6 +17,8 @@ shared tensors, server bookkeeping) and :mod:`fedmoe.moe.graft` (choosing e*, gr
   once (an ``int64`` tensor, counted in that turn's ``bytes_up``) for the server's bookkeeping
   (:func:`~fedmoe.algorithms.flex.record_choice`).
 * **Personal state (§4.3)** lives on the client: ``<out>/clients/<cid>/side-r<round>.safetensors``
+  in-process, ``<node state dir>/run-<run id>/client-<cid>/side-r<round>.safetensors`` on a
+  Flower node (client kind ``flex``; docs/deploy.md)
   (side tensors; e* and the round in the metadata), written at the end of each turn and restored
   at the start of the next one — a turn in round r restores the newest file of a round < r, so a
   run resumed from a checkpoint replays exactly; after saving, files older than the restored one
@@ -27,7 +29,8 @@ shared tensors, server bookkeeping) and :mod:`fedmoe.moe.graft` (choosing e*, gr
   are not enforced (the paper's FLEx has none): each client's ``predicted_memory_bytes`` is the
   full MoE's, reported against its budget.
 * **Final evaluation.** Each client on the full MoE with the final shared tensors and its own
-  side experts (a client that never took part chooses e* then and uses the untrained copies).
+  side experts (a client that never took part chooses e* then and uses the untrained copies);
+  on Flower the nodes run it (only they hold the side experts) and send the scores back.
 * ``train.finetune`` must be ``lora``.
 """
 
@@ -51,6 +54,7 @@ from fedmoe.core.aggregation import ClientUpdate
 from fedmoe.core.layout import UnitLayout
 from fedmoe.data.settings import ClientData
 from fedmoe.engine.client import ClientContext, ClientPlan, ClientReply
+from fedmoe.engine.node_plans import ExtraUp, NodeTurn, register_client_kind, register_node_plan
 from fedmoe.engine.strategies.base import RoundPlan, Strategy
 from fedmoe.engine.strategies.hfedmoe import client_batches
 from fedmoe.engine.trainables import HEAD_TASKS, Trainables, _other_heads
@@ -59,7 +63,7 @@ from fedmoe.moe.families import MoEFamily
 from fedmoe.moe.graft import choose_personal_experts, graft_side_experts, mark_side_trainable, side_parameters
 from fedmoe.moe.lora import HEAD_PATTERNS, load_trainable_state, trainable_state
 from fedmoe.moe.slicing import ExpertMap, SubMoE
-from fedmoe.train.loop import forward_context
+from fedmoe.train.loop import LocalHooks, forward_context
 
 if TYPE_CHECKING:
     from fedmoe.engine.run import Run
@@ -68,6 +72,9 @@ if TYPE_CHECKING:
 STAGE = 2
 #: key of the e* tensor a client sends on its first participation
 CHOICE_KEY = "flex.personal_experts"
+#: node plan that sends e* (first participation) and the client kind nodes build
+CHOICE_PLAN = "flex-choice"
+CLIENT_KIND = "flex"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -176,11 +183,10 @@ class FlexClientTrainables(FlexTrainables):
                     p.copy_(personal[k])
         self.chosen = list(chosen)
 
-    def upload_state(self, model: nn.Module, task: str) -> dict[str, torch.Tensor]:
-        """Shared tensors only; the personal ones are written to the client's folder."""
-        shared, personal = algo.split_state(trainable_state(model))
+    def keep_personal(self, model: nn.Module) -> None:
+        """Write e* and the trained side experts / gates to the client's folder."""
+        _, personal = algo.split_state(trainable_state(model))
         self._save(self.chosen, personal)
-        return {k: v for k, v in shared.items() if not _other_heads(k, task)}
 
 
 def chosen_experts(model: nn.Module, family: MoEFamily) -> list[int]:
@@ -189,8 +195,30 @@ def chosen_experts(model: nn.Module, family: MoEFamily) -> list[int]:
     return [int(inner.get_submodule(b.path).side_expert.source_expert) for b in family.blocks(inner)]
 
 
+@register_node_plan(CHOICE_PLAN)
+def choice_plan(turn: NodeTurn) -> tuple[LocalHooks, ExtraUp | None]:
+    """Send e* up after the first turn (an ``int64`` tensor under :data:`CHOICE_KEY`)."""
+
+    def extra_up(model: nn.Module, extra_down: dict[str, torch.Tensor], res: Any) -> dict[str, torch.Tensor]:
+        return {CHOICE_KEY: torch.tensor(chosen_experts(model, turn.family), dtype=torch.int64)}
+
+    return LocalHooks(), extra_up
+
+
+@register_client_kind(CLIENT_KIND)
+def node_trainables(ctx: ClientContext, client: ClientData, folder: Path, rnd: int | None) -> Trainables:
+    """A node's FLEx client: attention LoRA + its side experts kept in ``folder`` (the node's
+    state folder of this client). The global state is not needed on a client: the shared
+    tensors arrive with each request."""
+    t, f = ctx.cfg.train, ctx.cfg.flex
+    tr = FlexClientTrainables(ctx.family, "lora", t.lora_r, t.lora_alpha, t.lora_dropout, {}, UnitLayout())
+    return tr.bind(ctx, client, folder, rnd, f.gate_bias, f.max_choice_examples)
+
+
 class FlexStrategy(Strategy):
     """FLEx (2025) on the in-process engine; see the module docstring."""
+
+    client_kind = CLIENT_KIND
 
     def setup(self, run: Run) -> None:
         t = run.cfg.train
@@ -222,13 +250,8 @@ class FlexStrategy(Strategy):
                        run.cfg.flex.max_choice_examples)
 
     def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan | None:
-        if cid in self.state.personal_experts:
-            return None
-
-        def extra_up(model: nn.Module, extra_down: dict[str, torch.Tensor], res: Any) -> dict[str, torch.Tensor]:
-            return {CHOICE_KEY: torch.tensor(chosen_experts(model, run.family), dtype=torch.int64)}
-
-        return ClientPlan(extra_up=extra_up)
+        """First participation: the client reports e* (node plan ``flex-choice``)."""
+        return None if cid in self.state.personal_experts else ClientPlan(node_plan=CHOICE_PLAN)
 
     def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
         state = self.state
