@@ -76,8 +76,11 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/latest"),
     resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory")] = None,
+    engine: Annotated[str | None, typer.Option(
+        "--engine", help="inprocess (default) or flower-sim (Flower's simulation engine; config key engine.name)",
+    )] = None,
 ) -> None:
-    """Run an experiment in-process; writes config.toml, rounds.jsonl, summary.json, expert_map.json."""
+    """Run an experiment; writes config.toml, rounds.jsonl, summary.json, expert_map.json."""
     from fedmoe.config import load_config
     from fedmoe.errors import ConfigError
 
@@ -87,10 +90,18 @@ def run(
     try:
         if config is None:
             raise ConfigError("No config file given.", "run `fedmoe run CONFIG.toml` or `fedmoe run --resume RUN_DIR`.")
-        cfg = load_config(config, set_ or [])
-        from fedmoe.engine.run import run_experiment
+        if resume is not None and engine not in (None, "inprocess"):
+            raise ConfigError(f"`--resume` continues in-process runs only (got --engine {engine}).",
+                              "resume with --engine inprocess, or start the run again.")
+        cfg = load_config(config, [*(set_ or []), *([f'engine.name="{engine}"'] if engine else [])])
+        if cfg.engine.name == "flower-sim":
+            from fedmoe.flower.simulation import run_flower_simulation
 
-        summary = _with_progress(lambda progress: run_experiment(cfg, out, progress, resume=resume is not None))
+            summary = run_flower_simulation(cfg, out)
+        else:
+            from fedmoe.engine.run import run_experiment
+
+            summary = _with_progress(lambda progress: run_experiment(cfg, out, progress, resume=resume is not None))
     except FedMoEError as exc:
         if created and out.exists() and not isinstance(exc, RunStopped):
             shutil.rmtree(out)  # leave nothing that could be mistaken for a result (a stopped run has

@@ -26,6 +26,7 @@ CASES = [
      "3 different task types"),
     ("unknown-algorithm", [TINY, "--set", "algorithm=fedmo"], "did you mean `fedmoe`"),
     ("budgets-inverted", [TINY, "--set", "setting.budget_low=0.9", "--set", "setting.budget_high=0.1"], "budget_high"),
+    ("unknown-engine", [TINY, "--engine", "flower"], "engine.name"),
 ]
 
 
@@ -42,6 +43,16 @@ def test_bad_input_fails_cleanly(tmp_path, case):
     assert fragment.lower() in err.lower(), err
     assert "Fix:" in err
     assert not out.exists()
+
+
+def test_resume_is_in_process_only(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text((REPO / "configs" / "tiny.toml").read_text())
+    proc = subprocess.run([sys.executable, "-m", "fedmoe.cli", "run", "--resume", str(run_dir), "--engine",
+                           "flower-sim"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "--resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert [p.name for p in run_dir.iterdir()] == ["config.toml"]
 
 
 def test_debug_shows_traceback(tmp_path):
