@@ -161,6 +161,22 @@ def test_verbs_do_not_mutate_input() -> None:
     assert st.round == snapshot.round
 
 
+def test_no_earlier_state_changes_through_adjust_keep_revert() -> None:
+    """after_round copies on write (only sampled clients' entries): every earlier state stays
+    bit-identical through recommendation, keep, revert-and-freeze, with several clients per round."""
+    import pickle
+
+    st, mem = stage2_state()
+    history = []
+    for scores in ([0.5, 0.3], [0.4, 0.2], [0.4, 0.2], [0.45, 0.1], [0.3, 0.1], [0.2, 0.05]):
+        history.append((st, pickle.dumps(st)))
+        st, _ = after_round(st, [ClientResult(0, 10, scores[0], ONE), ClientResult(1, 10, scores[1], P1)], mem,
+                            patience=2, top_k=2)
+    assert st.events and any(e["kind"] == "adjust" for e in st.events)
+    for old, frozen in history:
+        assert pickle.dumps(old) == frozen
+
+
 def test_bad_results_raise() -> None:
     st, mem = stage2_state()
     with pytest.raises(ValueError, match="client 9"):

@@ -187,6 +187,26 @@ def _record(new: FedMoEServerState, r: ClientResult) -> dict[str, Any] | None:
             "score_before": change.score_before, "change_round": change.round}
 
 
+def _fork(state: FedMoEServerState, touched: Sequence[ClientId]) -> FedMoEServerState:
+    """A copy of ``state`` that ``after_round`` may edit without touching ``state``.
+
+    Copy-on-write instead of ``deepcopy``: containers are copied (pointers only) and only the
+    mutable entries of the ``touched`` (sampled) clients are copied, so a round costs O(N)
+    pointer copies plus the sampled clients' data, not a deep copy of every client's p and
+    history (benchmarks/system/server_scale.py). Entries are replaced, never edited in place:
+    arrays in ``latest_p``/``stage1_p`` and expert sets (``recommend`` returns new ones).
+    """
+    new = copy.copy(state)
+    for name in ("expert_sets", "latest_p", "scores", "stale", "pending", "stage1_p", "theta", "excluded"):
+        setattr(new, name, dict(getattr(state, name)))
+    new.frozen, new.stage1_reported = set(state.frozen), set(state.stage1_reported)
+    new.events = list(state.events)
+    for cid in touched:
+        if cid in new.scores:
+            new.scores[cid] = list(new.scores[cid])
+    return new
+
+
 def after_round(
     state: FedMoEServerState,
     results: Sequence[ClientResult],
@@ -219,11 +239,11 @@ def after_round(
         raise ValueError(f"patience must be >= 1, got {patience}.")
     if revert_reference not in ("last", "best"):
         raise ValueError(f"revert_reference must be 'last' or 'best', got {revert_reference!r}.")
-    new = copy.deepcopy(state)
-    new.round += 1
-    before = copy.deepcopy(state.expert_sets)
-    events: list[dict[str, Any]] = []
     ordered = sorted(results, key=lambda r: r.client_id)
+    new = _fork(state, [r.client_id for r in ordered])
+    new.round += 1
+    before = state.expert_sets  # read only: `new` replaces entries, never edits them in place
+    events: list[dict[str, Any]] = []
     for r in ordered:
         ev = _record(new, r)
         if ev is not None:
