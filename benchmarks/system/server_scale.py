@@ -14,8 +14,9 @@ Uses the pure server logic only (:mod:`fedmoe.algorithms.fedmoe`: ``initial_expe
   score history (measured with ``tracemalloc`` as the state's allocated bytes, divided by N).
 
 Time is measured without tracemalloc (median over rounds); memory in a second pass with it.
-``deepcopy`` of the state is timed separately: ``after_round`` returns a new state (pure
-function), so it copies every client's state each round.
+``deepcopy`` of the state is timed separately, for reference: ``after_round`` returns a new
+state (pure function) but copies on write — containers (pointers) and the sampled clients'
+entries only — so it no longer deep-copies every client's state each round.
 
 Usage: ``python benchmarks/system/server_scale.py [--clients 30,300,1000] [--rounds 10]``.
 """
@@ -163,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(≈ {hi['per_client_kb']:.1f} kB per client: expert sets, latest p, stage-1 p, score history — a "
         "non-sampled client costs only this), per-round server time "
         f"×{hi['round_ms'] / lo['round_ms']:.1f}. The per-round time grows with N because (a) the recommendation "
-        "compares each sampled client with every other client (eq. 4–5, inherent) and (b) `after_round` is a pure "
-        f"function that deep-copies the whole state each round ({hi['copy_ms']:.0f} ms of the "
-        f"{hi['round_ms']:.0f} ms at {hi['n']:,} clients, timed separately). Both costs are O(N) per round; measured "
-        "ratios above a linear ×N come from the shared machine's load changing between measurements. Even at "
-        f"{hi['n']:,} clients the server's structural work per round stays well under a second, small next to a "
-        "training round; copying only the sampled clients' entries instead of the whole state would remove (b).\n"
+        "compares each sampled client with every other client (eq. 4–5, inherent) and (b) `after_round` copies "
+        "the state's containers (pointers; the sampled clients' entries are copied on write — a full `deepcopy` "
+        f"would cost {hi['copy_ms']:.0f} ms at {hi['n']:,} clients, timed separately for reference). Both are O(N) "
+        "per round; measured ratios above a linear ×N come from the shared machine's load changing between "
+        f"measurements. Even at {hi['n']:,} clients the server's structural work per round stays well under a "
+        "second, small next to a training round.\n"
     )
     print(body)
     if not args.no_write:
