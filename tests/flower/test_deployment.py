@@ -20,8 +20,6 @@ from fedmoe.flower.settings import parse_overrides
 from tests.conftest import REPO
 from tests.flower.deployment import LocalFederation
 
-pytestmark = pytest.mark.slow
-
 NODES = 2
 
 
@@ -59,6 +57,7 @@ def federation(tmp_path_factory):
 
 
 def test_deployment_matches_inprocess(federation, inprocess, data_dir):
+    # in the default suite (CI): starts a SuperLink + 2 SuperNodes on free ports, kills them by PID
     # experiment = the default "configs/tiny.toml": resolved inside the installed app bundle
     out, log = federation.flwr_run({K.RUN_OVERRIDES: overrides(data_dir)}, "parity")
     a = load_file(str(inprocess / "global_trainable.safetensors"))
@@ -75,10 +74,12 @@ def test_deployment_matches_inprocess(federation, inprocess, data_dir):
     assert "[fedmoe] done: 4 rounds, 0 failed client turns" in log
 
 
+@pytest.mark.slow
 def test_deployment_client_failure_is_logged_and_run_goes_on(federation, inprocess, data_dir):
     victim = rounds_of(inprocess)[2]["sampled"][0]
-    out, log = federation.flwr_run({K.RUN_OVERRIDES: overrides(data_dir), K.RUN_INJECT_FAULT: f"2:{victim}"},
-                                   "fault")
+    corrupt = rounds_of(inprocess)[3]["sampled"][0]  # its reply arrives with NaN: the server rejects it
+    out, log = federation.flwr_run({K.RUN_OVERRIDES: overrides(data_dir),
+                                    K.RUN_INJECT_FAULT: f"2:{victim},3:{corrupt}:nan"}, "fault")
     rounds = rounds_of(out)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     for r in rounds:
@@ -86,8 +87,11 @@ def test_deployment_client_failure_is_logged_and_run_goes_on(federation, inproce
             if (r["round"], c["client_id"]) == (2, victim):
                 assert c["error"].startswith("CLIENT_APP_RAISED_EXCEPTION") and "injected fault" in c["error"]
                 assert (c["loss"], c["bytes_up"]) == (0.0, 0)
+            elif (r["round"], c["client_id"]) == (3, corrupt):
+                assert c["error"].startswith("rejected: `") and c["error"].endswith("holds NaN/Inf values")
+                assert c["bytes_up"] > 0  # the reply crossed the network and was rejected
             else:
                 assert c["error"] == ""
     assert len(rounds[2]["clients"]) == len(rounds[2]["sampled"]) > 1  # the others completed the round
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["failed_client_turns"] == 1 and summary["rounds"] == 4
+    assert summary["failed_client_turns"] == 2 and summary["rounds"] == 4
