@@ -216,7 +216,9 @@ def test_measure_peak_cpu_counts_a_transient_allocation():
 
 
 def test_measure_peak_without_proc_falls_back_to_getrusage(monkeypatch):
-    monkeypatch.setattr(M, "_reset_hwm", lambda: False)
+    from fedmoe.moe.memory import measure as MM
+
+    monkeypatch.setattr(MM, "_reset_hwm", lambda: False)
     result, peak = M.measure_peak(lambda: 7, device="cpu")
     assert result == 7 and isinstance(peak, int) and peak >= 0
 
