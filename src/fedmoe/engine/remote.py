@@ -20,9 +20,7 @@ nothing here changes the in-process engine.
 
 from __future__ import annotations
 
-import json
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,21 +230,7 @@ def close_round(run: Run, plan: RoundPlan, records: list[ClientRecord], updates:
     if run.progress:
         for rec in records:
             run.progress(plan.round, plan.stage, rec.client_id, rec)
-    if updates:
-        run.strategy.aggregate(run, plan, updates, replies)
-    extra = run.strategy.after_round(run, plan, replies)
-    rr = RoundRecord(
-        round=plan.round, stage=plan.stage, sampled=list(plan.sampled), clients=records,
-        wall_time_s=time.perf_counter() - t0, bytes_down_base=sum(r.bytes_down_base for r in records),
-        bytes_down=sum(r.bytes_down for r in records), bytes_up=sum(r.bytes_up for r in records),
-        actions=_jsonable(extra.get("actions", [])),
-        theta={int(k): float(v) for k, v in extra.get("theta", {}).items()},
-        skipped={int(k): str(v) for k, v in plan.skipped.items()},
-    )
-    run.rounds.append(rr)
-    with (run.out / "rounds.jsonl").open("a") as f:
-        f.write(json.dumps(rr.to_json()) + "\n")
-    return rr
+    return run.finish_round(plan, records, updates, replies, t0)
 
 
 def maybe_checkpoint(run: Run, rnd: int) -> None:

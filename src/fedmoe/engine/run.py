@@ -167,7 +167,17 @@ class Run:
                 self.latest_p[cid] = reply.p
             if self.progress:
                 self.progress(plan.round, plan.stage, cid, rec)
-        if updates:  # no surviving reply: the global model stays as it was
+        return self.finish_round(plan, records, updates, replies, t0)
+
+    def finish_round(self, plan: RoundPlan, records: list[ClientRecord], updates: list, replies: dict,
+                     t0: float) -> RoundRecord:
+        """Tail of a round, shared by both engines: aggregate the surviving updates (none: the
+        global model stays as it was), let the strategy adjust structure, log the round.
+
+        ``records`` holds every sampled client (failed ones with ``error``); ``updates`` and
+        ``replies`` only the successful ones, in ``plan.sampled`` order.
+        """
+        if updates:
             self.strategy.aggregate(self, plan, updates, replies)
         extra = self.strategy.after_round(self, plan, replies)
         rr = RoundRecord(
