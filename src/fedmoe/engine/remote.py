@@ -8,9 +8,10 @@ needs the turn in three steps, with a network hop between them:
    its expert map and seed (the first half of ``Run._client``);
 2. client: :func:`client_turn` — rebuilds the sub-MoE from its own copy of the base model
    and runs the same :func:`~fedmoe.engine.client.run_client` code path;
-3. server: :func:`finish_client` (or :func:`failed_record`) and :func:`close_round` — the
-   second half of ``Run._client`` and the tail of ``Run.round``, with failed clients left
-   out of aggregation and kept in ``rounds.jsonl`` with their ``error``.
+3. server: :func:`finish_client` (or :func:`failed_record`) — the second half of
+   ``Run._client``, with the same reply checks — and :func:`close_round`, which calls the
+   round tail both engines share (``Run.finish_round``): failed clients are left out of
+   aggregation and kept in ``rounds.jsonl`` with their ``error``.
 
 :func:`start_outputs` / :func:`write_outputs` are the head and tail of
 :func:`~fedmoe.engine.run.run_experiment`. These helpers call ``Run``'s state and methods
