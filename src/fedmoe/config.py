@@ -366,7 +366,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             "make budget_high >= budget_low.",
         )
     if cfg.engine.inject_faults:
-        from fedmoe.engine.faults import parse_faults
+        from fedmoe.faultspec import parse_faults
 
         parse_faults(cfg.engine.inject_faults)
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:

@@ -24,16 +24,9 @@ from torch import Tensor
 
 from fedmoe.core.aggregation import ClientUpdate, modular_aggregate
 from fedmoe.core.layout import UnitLayout
+from fedmoe.core.personal import SIDE_MARKERS, is_personal
 
 ClientId = int
-#: substrings naming the personal (side) tensors, see :func:`fedmoe.moe.graft.graft_side_experts`
-SIDE_MARKERS: tuple[str, ...] = ("side_expert", "side_gate")
-
-
-def is_personal(key: str, markers: Iterable[str] = SIDE_MARKERS) -> bool:
-    """Whether ``key`` names a side-expert / side-gate tensor (a path component contains a marker)."""
-    parts = key.split(".")
-    return any(m in part for m in markers for part in parts)
 
 
 def split_state(

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from fedmoe.errors import FedMoEError
 
 if TYPE_CHECKING:
-    from fedmoe.engine.run import Run
+    from fedmoe.engine.protocols import RunView as Run
 
 CKPT_DIR = "checkpoints"
 LATEST = "LATEST"

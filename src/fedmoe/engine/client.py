@@ -13,27 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmoe.config import ExperimentConfig
 from fedmoe.data.settings import ClientData
 from fedmoe.engine.faults import Deadline, InjectedFault, corrupt_upload
 from fedmoe.engine.node_plans import ClientStore, NodeTurn, SlotStore, build_node_plan
 from fedmoe.engine.payload import from_bytes, to_bytes
+from fedmoe.engine.protocols import ClientContext
 from fedmoe.engine.trainables import Trainables
-from fedmoe.moe.families import MoEFamily
 from fedmoe.moe.routing import RoutingStats
 from fedmoe.moe.slicing import ExpertMap, SubMoE
 from fedmoe.train.evaluate import evaluate
 from fedmoe.train.loop import LocalHooks, LocalResult, local_train
-
-
-@dataclass
-class ClientContext:
-    cfg: ExperimentConfig
-    family: MoEFamily
-    kind: str
-    tokenizer: Any
-    device: torch.device
-    tasks: dict[str, Any]
 
 
 @dataclass

@@ -28,6 +28,7 @@ from fedmoe.engine.faults import Deadline
 from fedmoe.engine.fingerprint import model_fingerprint
 from fedmoe.engine.node_plans import DiskStore, client_kind_trainables
 from fedmoe.engine.payload import to_bytes
+from fedmoe.engine.strategies import STRATEGIES  # noqa: F401 — importing the strategies fills node_plans' registries
 from fedmoe.engine.trainables import Trainables
 from fedmoe.errors import ConfigError
 from fedmoe.moe.families import MoEFamily

@@ -17,6 +17,11 @@ restart of the node process.
 Strategies whose clients wrap their model differently and keep files between rounds (FLEx)
 register a *client kind* with :func:`register_client_kind`: how a node builds that client's
 :class:`~fedmoe.engine.trainables.Trainables` from its context and state folder.
+
+Registration happens when :mod:`fedmoe.engine.strategies` is imported (its modules decorate
+their plans and kinds). This module never imports the strategies (they import it: that was an
+import cycle); the two entry points that look plans up import them: :mod:`fedmoe.engine.run`
+(in-process) and :mod:`fedmoe.engine.node` (a Flower node).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from fedmoe.train.loop import LocalHooks, LocalResult
 
 if TYPE_CHECKING:
     from fedmoe.data.settings import ClientData
-    from fedmoe.engine.client import ClientContext
+    from fedmoe.engine.protocols import ClientContext
     from fedmoe.engine.trainables import Trainables
 
 Tensors = dict[str, torch.Tensor]
@@ -126,8 +131,6 @@ def register_node_plan(name: str) -> Callable[[NodePlan], NodePlan]:
 
 def build_node_plan(name: str, turn: NodeTurn) -> tuple[LocalHooks, ExtraUp | None]:
     """The local-loop hooks and ``extra_up`` of node plan ``name`` for this turn."""
-    import fedmoe.engine.strategies  # noqa: F401 — registers the strategies' own node plans
-
     if name not in NODE_PLANS:
         raise ConfigError(f"Unknown node plan `{name}` (known: {', '.join(sorted(NODE_PLANS)) or 'none'}).",
                           "install the same fedmoe version on the server and every node.")
@@ -179,8 +182,6 @@ def register_client_kind(name: str) -> Callable[[ClientKind], ClientKind]:
 def client_kind_trainables(name: str, ctx: ClientContext, client: ClientData, folder: Path,
                            rnd: int | None) -> Trainables:
     """The trainables of client kind ``name`` (strategies register theirs on import)."""
-    import fedmoe.engine.strategies  # noqa: F401 — registers every strategy's client kinds and plans
-
     if name not in CLIENT_KINDS:
         raise ConfigError(f"Unknown client kind `{name}` (known: {', '.join(sorted(CLIENT_KINDS)) or 'none'}).",
                           "install the same fedmoe version on the server and every node.")

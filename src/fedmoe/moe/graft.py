@@ -3,7 +3,7 @@
 HFedMoE:
 
 * :func:`collect_router_stats` — one pass over a client's data → one
-  :class:`~fedmoe.algorithms.hfedmoe.RouterStats` per MoE layer (§3.2–3.4 inputs);
+  :class:`~fedmoe.core.router_stats.RouterStats` per MoE layer (§3.2–3.4 inputs);
 * :func:`mask_routing` — train on the active set only (§3.4): the sub-MoE of
   :func:`fedmoe.moe.slicing.extract`, whose routing is the full model's with the inactive
   experts' router logits at −inf (see that module), and whose inactive experts do not exist,
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmoe.algorithms.flex import SIDE_MARKERS, is_personal
-from fedmoe.algorithms.hfedmoe import RouterStats
+from fedmoe.core.personal import SIDE_MARKERS, is_personal
+from fedmoe.core.router_stats import RouterStats
 from fedmoe.errors import ModelError
 from fedmoe.moe.families import MoEFamily
 from fedmoe.moe.slicing import SubMoE, extract, layout_of, merge
@@ -249,7 +249,7 @@ def graft_side_experts(
     output. The block is hooked rather than wrapped so every pretrained state-dict key, the
     family's block discovery, :func:`~fedmoe.moe.slicing.layout_of` and sub-MoE extraction are
     unchanged; new keys are ``<block>.side_expert.*`` / ``<block>.side_gate.*``
-    (:data:`~fedmoe.algorithms.flex.SIDE_MARKERS`). ``freeze_block``: the block's pretrained
+    (:data:`~fedmoe.core.personal.SIDE_MARKERS`). ``freeze_block``: the block's pretrained
     parameters (router, routed and shared experts) get ``requires_grad=False``; side tensors
     get ``True``. A jittering router (Mixtral training with ``router_jitter_noise``) jitters x
     in place, so the side expert then sees the jittered x too. Returns ``model``.

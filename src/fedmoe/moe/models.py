@@ -74,7 +74,7 @@ def load_model(name: str, seed: int = 0, dtype: str = "float32") -> tuple[nn.Mod
 
 
 def _byte_tokenizer(model: nn.Module) -> Any:
-    from fedmoe.train.tokenizer import ByteTokenizer
+    from fedmoe.moe.tokenizer import ByteTokenizer
 
     return ByteTokenizer(model.config.vocab_size)
 

@@ -12,7 +12,7 @@ from fedmoe.engine.client import ClientPlan, ClientReply
 from fedmoe.engine.trainables import Trainables
 
 if TYPE_CHECKING:
-    from fedmoe.engine.run import Run
+    from fedmoe.engine.protocols import RunView as Run
 
 
 @dataclass

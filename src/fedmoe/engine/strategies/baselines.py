@@ -48,7 +48,7 @@ from fedmoe.errors import BudgetError, ConfigError
 from fedmoe.moe.slicing import extract
 
 if TYPE_CHECKING:
-    from fedmoe.engine.run import Run
+    from fedmoe.engine.protocols import RunView as Run
 
 #: stage number of the baselines' rounds in ``rounds.jsonl`` (federated training, like FedMoE's stage 2)
 STAGE = 2

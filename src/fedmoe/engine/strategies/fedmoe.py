@@ -15,7 +15,7 @@ from fedmoe.engine.strategies.base import RoundPlan, Strategy
 from fedmoe.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fedmoe.engine.run import Run
+    from fedmoe.engine.protocols import RunView as Run
 
 
 class FedMoEStrategy(Strategy):

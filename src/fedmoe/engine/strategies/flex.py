@@ -66,7 +66,7 @@ from fedmoe.moe.slicing import ExpertMap, SubMoE
 from fedmoe.train.loop import LocalHooks, forward_context
 
 if TYPE_CHECKING:
-    from fedmoe.engine.run import Run
+    from fedmoe.engine.protocols import RunView as Run
 
 #: stage number of the rounds in ``rounds.jsonl`` (federated training, as the baselines)
 STAGE = 2

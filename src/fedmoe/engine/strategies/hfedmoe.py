@@ -54,7 +54,7 @@ from fedmoe.train.batching import collate, model_inputs
 from fedmoe.train.loop import forward_context
 
 if TYPE_CHECKING:
-    from fedmoe.engine.run import Run
+    from fedmoe.engine.protocols import RunView as Run
 
 #: stage number of the rounds in ``rounds.jsonl`` (federated training, as the baselines)
 STAGE = 2
