@@ -1,0 +1,115 @@
+"""Compare two run directories written by ``fedmoe run``: are the outputs bit-identical?
+
+    python scripts/compare_runs.py RUN_A RUN_B [RUN_A2 RUN_B2 ...]
+
+What is compared, file by file over the union of both trees:
+
+* ``rounds.jsonl``: every record, with the timing fields (:data:`TIME_KEYS`) removed at any depth;
+* ``summary.json``: the same, after removing :data:`TIME_KEYS`;
+* ``*.safetensors`` (global trainable state, checkpoints, FLEx side experts): every tensor
+  bitwise (dtype, shape and bytes) and the metadata;
+* ``manifest.json`` of checkpoints: as JSON without the ``files`` hashes (the files themselves
+  are compared above);
+* everything else (``config.toml``, ``expert_map.json``, ``p_by_task.json``, ``state.pkl``,
+  ``LATEST`` …): byte for byte. Nothing is unpickled.
+
+A file present on one side only is a difference. Exit status 0 when every pair is identical,
+1 otherwise (each difference on one line), 2 for a missing directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+#: fields holding measured times: they differ between any two runs
+TIME_KEYS = frozenset({"wall_time_s"})
+
+
+def _strip(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in TIME_KEYS}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _tensors(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], bytes]], dict[str, str]]:
+    """Key → (dtype, shape, raw bytes) of every tensor of a safetensors file, and its metadata."""
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for key in f.keys():
+            t = f.get_tensor(key)
+            raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            out[key] = (str(t.dtype), tuple(t.shape), raw)
+    return out, meta
+
+
+def compare_file(a: Path, b: Path, rel: str) -> list[str]:
+    """Differences between two files of the same relative path ``rel`` (empty: identical)."""
+    name = a.name
+    if name.endswith(".safetensors"):
+        (ta, ma), (tb, mb) = _tensors(a), _tensors(b)
+        diffs = [f"{rel}: metadata differs"] if ma != mb else []
+        for key in sorted(set(ta) | set(tb)):
+            if key not in ta or key not in tb:
+                diffs.append(f"{rel}: tensor {key} only in {'A' if key in ta else 'B'}")
+            elif ta[key][:2] != tb[key][:2]:
+                diffs.append(f"{rel}: tensor {key} dtype/shape {ta[key][:2]} vs {tb[key][:2]}")
+            elif ta[key][2] != tb[key][2]:
+                diffs.append(f"{rel}: tensor {key} values differ")
+        return diffs
+    if name == "rounds.jsonl":
+        ra = [_strip(json.loads(x)) for x in a.read_text().splitlines() if x.strip()]
+        rb = [_strip(json.loads(x)) for x in b.read_text().splitlines() if x.strip()]
+        if len(ra) != len(rb):
+            return [f"{rel}: {len(ra)} vs {len(rb)} records"]
+        return [f"{rel}: round record {i} differs" for i, (x, y) in enumerate(zip(ra, rb, strict=True)) if x != y]
+    if name == "summary.json":
+        return [] if _strip(json.loads(a.read_text())) == _strip(json.loads(b.read_text())) else [f"{rel}: differs"]
+    if name == "manifest.json":
+        ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+        ja.pop("files", None)
+        jb.pop("files", None)
+        return [] if ja == jb else [f"{rel}: differs"]
+    return [] if a.read_bytes() == b.read_bytes() else [f"{rel}: bytes differ"]
+
+
+def compare_runs(a: Path, b: Path) -> list[str]:
+    """Every difference between run directories ``a`` and ``b`` (empty list: identical)."""
+    files_a = {p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file()}
+    files_b = {p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()}
+    diffs = [f"{rel}: only in {'A' if rel in files_a else 'B'}" for rel in sorted(files_a ^ files_b)]
+    for rel in sorted(files_a & files_b):
+        diffs += compare_file(a / rel, b / rel, rel)
+    return diffs
+
+
+def main(argv: list[str]) -> int:
+    if not argv or len(argv) % 2:
+        print("usage: compare_runs.py RUN_A RUN_B [RUN_A2 RUN_B2 ...]", file=sys.stderr)
+        return 2
+    status = 0
+    for a, b in zip(argv[::2], argv[1::2], strict=True):
+        pa, pb = Path(a), Path(b)
+        for p in (pa, pb):
+            if not p.is_dir():
+                print(f"{p}: no such run directory; pass two folders written by `fedmoe run --out`.", file=sys.stderr)
+                return 2
+        diffs = compare_runs(pa, pb)
+        n = sum(1 for p in pa.rglob("*") if p.is_file())
+        print(f"{'IDENTICAL' if not diffs else 'DIFFERENT'} {pa} {pb} ({n} files)")
+        for d in diffs:
+            print("  " + d)
+        status |= bool(diffs)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,59 @@
+"""scripts/compare_runs.py: identical run folders compare equal; each kind of change is found."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+_SPEC = importlib.util.spec_from_file_location(
+    "compare_runs", Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py")
+compare_runs = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(compare_runs)
+
+
+def _run_dir(root: Path, wall: float = 1.0) -> Path:
+    root.mkdir(parents=True)
+    rounds = [{"round": r, "clients": [{"client_id": 1, "loss": 0.5 + r}], "wall_time_s": wall * r} for r in range(2)]
+    (root / "rounds.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rounds))
+    (root / "summary.json").write_text(json.dumps({"scores": {"tc": {"accuracy": 0.25}}, "wall_time_s": wall}))
+    (root / "config.toml").write_text('seed = 0\nalgorithm = "fedavg"\n')
+    (root / "checkpoints" / "round-00001").mkdir(parents=True)
+    save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor(1.5, dtype=torch.bfloat16)},
+              str(root / "checkpoints" / "round-00001" / "trainable.safetensors"))
+    return root
+
+
+def test_identical_up_to_wall_times(tmp_path):
+    a, b = _run_dir(tmp_path / "a"), _run_dir(tmp_path / "b", wall=7.0)
+    assert compare_runs.compare_runs(a, b) == []
+    assert compare_runs.main([str(a), str(b)]) == 0
+
+
+def test_every_kind_of_difference_is_reported(tmp_path):
+    a = _run_dir(tmp_path / "a")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    ckpt = b / "checkpoints" / "round-00001" / "trainable.safetensors"
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    x[1, 2] = torch.nextafter(x[1, 2], torch.tensor(10.0))  # one ulp
+    save_file({"a": x, "b": torch.tensor(1.5, dtype=torch.bfloat16)}, str(ckpt))
+    lines = (b / "rounds.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["clients"][0]["loss"] += 1e-12
+    (b / "rounds.jsonl").write_text(lines[0] + "\n" + json.dumps(rec) + "\n")
+    (b / "config.toml").write_text('seed = 1\nalgorithm = "fedavg"\n')
+    (b / "extra.json").write_text("{}")
+    diffs = compare_runs.compare_runs(a, b)
+    assert diffs == [
+        "extra.json: only in B",
+        "checkpoints/round-00001/trainable.safetensors: tensor a values differ",
+        "config.toml: bytes differ",
+        "rounds.jsonl: round record 1 differs",
+    ]
+    assert compare_runs.main([str(a), str(b)]) == 1
+    assert compare_runs.main([str(a), str(tmp_path / "missing")]) == 2
