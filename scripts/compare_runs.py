@@ -10,8 +10,11 @@ What is compared, file by file over the union of both trees:
   bitwise (dtype, shape and bytes) and the metadata;
 * ``manifest.json`` of checkpoints: as JSON without the ``files`` hashes (the files themselves
   are compared above);
-* everything else (``config.toml``, ``expert_map.json``, ``p_by_task.json``, ``state.pkl``,
-  ``LATEST`` …): byte for byte. Nothing is unpickled.
+* ``*.pkl`` (checkpoint state): the opcode stream of the pickle (:mod:`pickletools`), with the
+  float that follows a :data:`TIME_KEYS` key masked (the round records inside hold wall times).
+  Nothing is unpickled: no code from the files runs;
+* everything else (``config.toml``, ``expert_map.json``, ``p_by_task.json``, ``LATEST`` …): byte
+  for byte.
 
 A file present on one side only is a difference. Exit status 0 when every pair is identical,
 1 otherwise (each difference on one line), 2 for a missing directory.
@@ -51,6 +54,26 @@ def _tensors(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], bytes]],
     return out, meta
 
 
+def _pickle_ops(data: bytes) -> list[tuple[str, Any]]:
+    """The opcodes of a pickle with their arguments; a float right after a time key becomes None."""
+    import pickletools
+
+    memo: dict[int, Any] = {}
+    ops: list[tuple[str, Any]] = []
+    last: Any = None  # the value the previous opcode pushed, when it is a string (else None)
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+            memo[len(memo) if name == "MEMOIZE" else int(arg)] = last
+            ops.append((name, None if name == "MEMOIZE" else arg))
+            continue
+        if name in ("BINFLOAT", "FLOAT") and last in TIME_KEYS:
+            arg = None
+        ops.append((name, arg))
+        last = memo.get(int(arg)) if name in ("BINGET", "LONG_BINGET", "GET") else arg if isinstance(arg, str) else None
+    return ops
+
+
 def compare_file(a: Path, b: Path, rel: str) -> list[str]:
     """Differences between two files of the same relative path ``rel`` (empty: identical)."""
     name = a.name
@@ -73,6 +96,8 @@ def compare_file(a: Path, b: Path, rel: str) -> list[str]:
         return [f"{rel}: round record {i} differs" for i, (x, y) in enumerate(zip(ra, rb, strict=True)) if x != y]
     if name == "summary.json":
         return [] if _strip(json.loads(a.read_text())) == _strip(json.loads(b.read_text())) else [f"{rel}: differs"]
+    if name.endswith(".pkl"):
+        return [] if _pickle_ops(a.read_bytes()) == _pickle_ops(b.read_bytes()) else [f"{rel}: pickled state differs"]
     if name == "manifest.json":
         ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
         ja.pop("files", None)

@@ -62,7 +62,7 @@ class SettingConfig:
     sampler: str = ""
     #: "iid" or "dirichlet"; "" = from preset
     partition: str = ""
-    #: Dirichlet concentration for label / cluster skew (ALGORITHMS.md §5 choice)
+    #: Dirichlet concentration for label / cluster skew (docs/algorithms.md §5.1 choice)
     dirichlet_alpha: float = 0.5
     #: number of k-means clusters for RC/TS clustering-based partitions (FedNLP)
     num_clusters: int = 5
@@ -85,7 +85,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
     label_smoothing: float = 0.1
-    #: coefficient ``a`` of the load-balance loss over kept experts (ALGORITHMS.md §1 stage 2 step 3)
+    #: coefficient ``a`` of the load-balance loss over kept experts (docs/algorithms.md §1.2 step 3)
     load_balance_coef: float = 0.01
     #: "lora" (paper default: LoRA on kept experts + attention, router rows trainable) or "full"
     finetune: str = "lora"
@@ -102,7 +102,7 @@ class FedMoEConfig:
     stage1_rounds: int = 5
     #: R: stage-2 rounds
     rounds: int = 20
-    #: α: share of the budget used by the initial submodel search (ALGORITHMS.md §1 choice)
+    #: α: share of the budget used by the initial submodel search (docs/algorithms.md §1.1 step 3 choice)
     alpha: float = 0.9
     #: bracket tolerance of the θ binary search
     theta_tol: float = 1e-4
@@ -119,7 +119,7 @@ class FedMoEConfig:
 
 @dataclass
 class BaselineConfig:
-    """Dense-sharing baselines FedAvg / FedProx / SCAFFOLD (ALGORITHMS.md §2).
+    """Dense-sharing baselines FedAvg / FedProx / SCAFFOLD (docs/algorithms.md §2).
 
     They train for ``fedmoe.rounds`` rounds (the same R as FedMoE's stage 2).
     """
@@ -136,7 +136,7 @@ class BaselineConfig:
 
 @dataclass
 class HFedMoEConfig:
-    """HFedMoE (ALGORITHMS.md §3); it trains for ``fedmoe.rounds`` rounds like the other algorithms."""
+    """HFedMoE (docs/algorithms.md §3); it trains for ``fedmoe.rounds`` rounds like the other algorithms."""
 
     #: λ of s(e) = λ·s_cumul(e) + (1−λ)·s_spec(e) (§3.2 choice)
     lam: float = 0.5
@@ -152,7 +152,7 @@ class HFedMoEConfig:
 
 @dataclass
 class FlexConfig:
-    """FLEx (ALGORITHMS.md §4); it trains for ``fedmoe.rounds`` rounds like the other algorithms."""
+    """FLEx (docs/algorithms.md §4); it trains for ``fedmoe.rounds`` rounds like the other algorithms."""
 
     #: b_side of the side gate σ(w_side·x + b_side) at grafting (§4.2 choice; w_side starts at 0)
     gate_bias: float = -4.0

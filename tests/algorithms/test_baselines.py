@@ -1,4 +1,4 @@
-"""Baselines (ALGORITHMS.md §2): FedAvg, FedProx, SCAFFOLD, randomMoE — exact numbers on hand-made examples."""
+"""Baselines (docs/algorithms.md §2): FedAvg, FedProx, SCAFFOLD, randomMoE — exact numbers on hand-made examples."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FLEx server side (ALGORITHMS.md §4.3): only shared tensors are FedAvg'd; side tensors stay home."""
+"""FLEx server side (docs/algorithms.md §4.3): only shared tensors are FedAvg'd; side tensors stay home."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HFedMoE (ALGORITHMS.md §3): exact numbers on hand-made router probabilities."""
+"""HFedMoE (docs/algorithms.md §3): exact numbers on hand-made router probabilities."""
 
 from __future__ import annotations
 

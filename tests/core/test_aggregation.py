@@ -1,4 +1,4 @@
-"""Modular aggregation (ALGORITHMS.md §1 stage 2 step 4): exact numbers + properties."""
+"""Modular aggregation (docs/algorithms.md §1.2 step 4): exact numbers + properties."""
 
 from __future__ import annotations
 

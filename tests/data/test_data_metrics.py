@@ -1,4 +1,4 @@
-"""Metrics (ALGORITHMS.md §6) with hand-computed values, and the task adapters."""
+"""Metrics (docs/algorithms.md §6.1) with hand-computed values, and the task adapters."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Partitions, splits and budgets (ALGORITHMS.md §5)."""
+"""Partitions, splits and budgets (docs/algorithms.md §5)."""
 
 from __future__ import annotations
 

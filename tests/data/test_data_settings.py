@@ -1,4 +1,4 @@
-"""The four FL settings on the real shared data (ALGORITHMS.md §5) and their samplers."""
+"""The four FL settings on the real shared data (docs/algorithms.md §5) and their samplers."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Integration: the dense-sharing baselines (FedAvg, FedProx, SCAFFOLD) on the tiny model and real data,
-and ``fedmoe run`` for every algorithm on every setting preset (ALGORITHMS.md §2, §5)."""
+and ``fedmoe run`` for every algorithm on every setting preset (docs/algorithms.md §2, §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Integration: HFedMoE (ALGORITHMS.md §3) and FLEx (§4) on the in-process engine, tiny model, real data.
+"""Integration: HFedMoE (docs/algorithms.md §3) and FLEx (§4) on the in-process engine, tiny model, real data.
 
 Fast: one 2-round run of each on standard-hetero-t. Slow: every setting preset, and resume.
 """

@@ -1,4 +1,4 @@
-"""Training-memory model (ALGORITHMS.md §1 stage 1 step 3): exact per-unit weights, additivity of
+"""Training-memory model (docs/algorithms.md §1.1 step 3): exact per-unit weights, additivity of
 the training cost, saved-activation counts, and the ±20 % acceptance against measured peaks."""
 
 from __future__ import annotations

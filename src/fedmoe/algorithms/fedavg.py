@@ -1,10 +1,10 @@
-"""FedAvg (McMahan et al. 2017) — the dense-sharing baseline of ALGORITHMS.md §2.
+"""FedAvg (McMahan et al. 2017) — the dense-sharing baseline of docs/algorithms.md §2.1.
 
 Every client trains the same global model (all experts of every MoE layer); the server
 replaces the global weights by the example-weighted average of the clients' weights,
 ``w ← Σ_k (n_k / Σ_j n_j) · w_k`` (eq. 2 of Mei et al. 2024, FedAvg weights).
 
-"Everything" is every trainable tensor (ALGORITHMS.md §1 "what is trained and what
+"Everything" is every trainable tensor (docs/algorithms.md §1.3 "what is trained and what
 travels": LoRA adapters, router rows, task heads by default; every weight with
 ``train.finetune = "full"``). Tensors that only some clients hold — a task head is sent only
 by that task's clients — are averaged over the clients that sent them, and a tensor that no

@@ -1,7 +1,7 @@
 """FedMoE server logic (Mei et al. 2024): explicit state + pure verbs.
 
 The weights live elsewhere (aggregation: :func:`fedmoe.core.aggregation.modular_aggregate`).
-This module keeps the *structure* bookkeeping of ALGORITHMS.md §1:
+This module keeps the *structure* bookkeeping of docs/algorithms.md §1:
 
 * :func:`predict_p` — stage 1 step 2: p for clients that did not report;
 * :func:`initial_expert_sets` — stage 1 step 3–4: θ binary search (eq. 3) per client, or

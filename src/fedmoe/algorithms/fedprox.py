@@ -1,4 +1,4 @@
-"""FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks") — ALGORITHMS.md §2.
+"""FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks") — docs/algorithms.md §2.2.
 
 FedAvg plus a proximal term in each client's local objective (Li et al. 2020, eq. 2 /
 Algorithm 2):

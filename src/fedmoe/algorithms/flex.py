@@ -1,6 +1,6 @@
 """FLEx (2025): one personalised expert per client, grafted with an adaptive gate.
 
-ALGORITHMS.md §4. The model side lives in :mod:`fedmoe.moe.graft` (choosing e*, §4.1, and
+docs/algorithms.md §4. The model side lives in :mod:`fedmoe.moe.graft` (choosing e*, §4.1, and
 grafting the side expert + gate, §4.2). This module is the server/bookkeeping side (§4.3):
 
 * personal tensors — the side experts and side gates, named with :data:`SIDE_MARKERS` — never

@@ -1,6 +1,6 @@
 """HFedMoE (Fang et al. 2026): budget-aware expert selection + sparsity-aware aggregation.
 
-ALGORITHMS.md §3 is the specification; every numbered step is one function here:
+docs/algorithms.md §3 is the specification; every numbered step is one function here:
 
 * :func:`compute_budget` — §3.1: C_k, the experts per layer a client can train, from memory;
 * :func:`importance` — §3.2: s_cumul, s_spec and s = λ·s_cumul + (1−λ)·s_spec;

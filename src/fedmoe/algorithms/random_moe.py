@@ -1,4 +1,4 @@
-"""randomMoE — ALGORITHMS.md §2: FedMoE with random expert sets and no recommendation.
+"""randomMoE — docs/algorithms.md §2.4: FedMoE with random expert sets and no recommendation.
 
 Each client's expert set is drawn at random under the same memory rule as FedMoE's
 stage-1 search (``α·M_k``; :func:`fedmoe.core.search.random_expert_sets`: one random expert

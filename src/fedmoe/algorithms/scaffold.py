@@ -1,4 +1,4 @@
-"""SCAFFOLD (Karimireddy et al. 2020, "Stochastic Controlled Averaging for FL") — ALGORITHMS.md §2.
+"""SCAFFOLD (Karimireddy et al. 2020, "Stochastic Controlled Averaging for FL") — docs/algorithms.md §2.3.
 
 Control variates over the trainable tensors (Karimireddy et al. 2020, Algorithm 1):
 

@@ -1,4 +1,4 @@
-"""Modular aggregation of heterogeneous sub-MoE updates (ALGORITHMS.md §1 stage 2 step 4).
+"""Modular aggregation of heterogeneous sub-MoE updates (docs/algorithms.md §1.2 step 4).
 
 Paper (Mei et al. 2024, "Modular Aggregation", Algorithm 1 line 9): dense parameters are
 FedAvg'd; an expert held by no sampled client stays unchanged, one held by a single client
@@ -171,7 +171,7 @@ def _aggregate_units(
 def modular_aggregate(
     global_state: dict[str, Tensor], layout: UnitLayout, updates: Sequence[ClientUpdate]
 ) -> dict[str, Tensor]:
-    """Modular aggregation (ALGORITHMS.md §1 stage 2 step 4; Algorithm 1 line 9).
+    """Modular aggregation (docs/algorithms.md §1.2 step 4; Algorithm 1 line 9).
 
     * dense keys sent by at least one client: example-weighted FedAvg over the clients that
       sent them (keys sent by nobody stay unchanged);

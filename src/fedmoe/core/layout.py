@@ -1,6 +1,6 @@
 """Where each aggregation unit lives inside a flat ``state_dict``.
 
-A model's tensors fall into three kinds of *units* (ALGORITHMS.md §1 stage 2 step 4):
+A model's tensors fall into three kinds of *units* (docs/algorithms.md §1.2 step 4):
 
 * dense tensors (attention, norms, embeddings, shared experts): FedAvg'd as a whole;
 * expert ``(layer i, expert j)``: one or more slices of tensors (a whole per-expert

@@ -6,7 +6,7 @@
 * Algorithm 1 line 16: n = AVG(expert count of the K) − own expert count, then add the n
   best-p̂ experts not held, or remove the |n| worst-p̂ experts held.
 
-Choice (ALGORITHMS.md §1 stage 2 step 5): n is counted over the whole model and experts are
+Choice (docs/algorithms.md §1.2 step 5): n is counted over the whole model and experts are
 ranked globally across layers by p̂. Expert sets are ``list[list[int]]`` (sorted indices per
 layer), as in :mod:`fedmoe.core.search`.
 """

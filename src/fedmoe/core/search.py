@@ -1,4 +1,4 @@
-"""Stage-1 heuristic submodel search (paper eq. 3; ALGORITHMS.md §1 stage 1 step 3–4).
+"""Stage-1 heuristic submodel search (paper eq. 3; docs/algorithms.md §1.1 steps 3–4).
 
 Eq. 3: maximise θ subject to Σ_j x_{i,j}·p_{i,j} ≥ θ in every layer i and
 mem(w_d + Σ x_{i,j}·w_{i,j}) ≤ α·M. The paper solves it by binary search over θ ∈ [0, 1],
@@ -87,7 +87,7 @@ def theta_search(
     ``(lo, smallest_submodel(p, lo))``. Feasibility is monotone in θ (a larger θ never keeps
     fewer experts), so ``lo`` is within ``tol`` below the exact optimum. If θ = 1 fits, returns
     ``1.0`` at once. ``alpha`` ∈ (0, 1] is the share of the budget the search may use
-    (ALGORITHMS.md choice, default 0.9; the rest is stage-2 headroom).
+    (docs/algorithms.md §1.1 step 3, choice, default 0.9; the rest is stage-2 headroom).
 
     Raises :class:`BudgetError` (naming ``client_id`` and the byte counts) if the dense part
     alone exceeds α·M, or if even θ = 0 (the top expert of every layer) does not fit.

@@ -1,4 +1,4 @@
-"""``fedmoe data describe CONFIG``: one table row per client of the built federation (ALGORITHMS.md §5).
+"""``fedmoe data describe CONFIG``: one table row per client of the built federation (docs/algorithms.md §5).
 
 Columns: client, task, train/val/test sizes, the label (TC) or cluster (RC/TS under a Dirichlet
 partition) histogram of the client's share, and the memory budget when known; then one total

@@ -1,4 +1,4 @@
-"""Frozen example records for the three task types (ALGORITHMS.md §5).
+"""Frozen example records for the three task types (docs/algorithms.md §5).
 
 Every example carries a stable ``id`` so partitions can be hashed and compared across
 builds: ``agnews-<file stem>-<row>`` for AG News, the SQuAD question id, the XSum id.

@@ -1,4 +1,4 @@
-"""Hub path: the same three tasks read with ``datasets`` (ALGORITHMS.md §5).
+"""Hub path: the same three tasks read with ``datasets`` (docs/algorithms.md §5).
 
 ``data.source = "hub"`` reads ``data.hub_tc`` / ``hub_rc`` / ``hub_ts`` (default ``ag_news``,
 ``squad``, ``EdinburghNLP/xsum``) with :func:`datasets.load_dataset`. A name may also be a

@@ -1,4 +1,4 @@
-"""Readers for the three data sets in their official on-disk formats (ALGORITHMS.md §5).
+"""Readers for the three data sets in their official on-disk formats (docs/algorithms.md §5.1).
 
 * AG News (TC): every ``*.csv`` in the folder (``"label(1-4)","title","description"``, no
   header) plus ``classes.txt``; ids are ``agnews-<file stem>-<0-based row>``.
@@ -116,7 +116,7 @@ def _read_ag_news_csv(path: Path, classes: tuple[str, ...]) -> list[TCExample]:
 
 
 def load_ag_news(directory: str | Path) -> list[TCExample]:
-    """All ``*.csv`` files of an AG News folder, in sorted file-name order (ALGORITHMS.md §5, TC)."""
+    """All ``*.csv`` files of an AG News folder, in sorted file-name order (docs/algorithms.md §5.1, TC)."""
     d = Path(directory)
     files = sorted(d.glob("*.csv"))
     if not files:
@@ -150,7 +150,7 @@ def _field(obj: Any, key: str, typ: type | tuple[type, ...], where: str, path: P
 
 
 def load_squad(directory: str | Path) -> list[RCExample]:
-    """Questions of an official SQuAD v1.1 JSON file (ALGORITHMS.md §5, RC), in file order."""
+    """Questions of an official SQuAD v1.1 JSON file (docs/algorithms.md §5.1, RC), in file order."""
     d = Path(directory)
     files = sorted(d.glob("*.json")) if d.is_dir() else [d]
     if not files or not files[0].is_file():
@@ -184,7 +184,7 @@ def load_squad(directory: str | Path) -> list[RCExample]:
 
 
 def load_xsum(directory: str | Path) -> list[TSExample]:
-    """XSum pairs from every ``*.jsonl`` file of the folder (ALGORITHMS.md §5, TS), in file order."""
+    """XSum pairs from every ``*.jsonl`` file of the folder (docs/algorithms.md §5.1, TS), in file order."""
     d = Path(directory)
     files = sorted(d.glob("*.jsonl")) if d.is_dir() else [d]
     if not files or not files[0].is_file():

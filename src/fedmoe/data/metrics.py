@@ -1,4 +1,4 @@
-"""Task scores (ALGORITHMS.md §6): TC accuracy, RC SQuAD v1.1 EM/F1, TS ROUGE-1/2/L F.
+"""Task scores (docs/algorithms.md §6.1): TC accuracy, RC SQuAD v1.1 EM/F1, TS ROUGE-1/2/L F.
 
 All scores are fractions in [0, 1] (multiply by 100 for the paper's tables), averaged over
 examples. The SQuAD rules are the official v1.1 evaluation script's, hand-written here:

@@ -1,4 +1,4 @@
-"""Client partitions of the task data (ALGORITHMS.md §5).
+"""Client partitions of the task data (docs/algorithms.md §5.1).
 
 * Tasks go to clients round-robin (client ``c`` holds ``tasks[c % len(tasks)]``), so 30 clients
   over TC/RC/TS are 10/10/10.
@@ -133,7 +133,7 @@ def split_share(
 
 
 def draw_budgets(num_clients: int, low_bytes: float, high_bytes: float, seed: int) -> list[int]:
-    """Memory budgets (bytes) drawn uniformly from ``[low_bytes, high_bytes]`` (ALGORITHMS.md §5)."""
+    """Memory budgets (bytes) drawn uniformly from ``[low_bytes, high_bytes]`` (docs/algorithms.md §5.3)."""
     if not 0 < low_bytes <= high_bytes:
         raise ConfigError(
             f"Budget range [{low_bytes}, {high_bytes}] bytes is empty or not positive.",

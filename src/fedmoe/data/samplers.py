@@ -1,4 +1,4 @@
-"""Per-round client samplers of the paper's settings (ALGORITHMS.md §5).
+"""Per-round client samplers of the paper's settings (docs/algorithms.md §5.2).
 
 * ``uniform`` (Standard-Hetero-*): ``clients_per_round`` distinct clients, uniformly at random.
 * ``enforced`` (Enforced-Hetero-*): 3 clients of 3 different task types; when more than three

@@ -1,4 +1,4 @@
-"""The paper's four FL settings and the federation they build (ALGORITHMS.md §5).
+"""The paper's four FL settings and the federation they build (docs/algorithms.md §5).
 
 =====================  ==========  ===========
 preset                 sampler     partition
@@ -102,7 +102,7 @@ class Federation:
         return {c.client_id: c.fingerprint() for c in self.clients}
 
     def assign_budgets(self, full_bytes: int, low_fraction: float, high_fraction: float) -> list[int]:
-        """Fill ``budget_bytes`` uniformly from ``[low, high] x full_bytes`` (seeded; ALGORITHMS.md §5).
+        """Fill ``budget_bytes`` uniformly from ``[low, high] x full_bytes`` (seeded; docs/algorithms.md §5.3).
 
         ``full_bytes`` is the training footprint of the whole MoE, known only once the model
         is built; ``setting.budget_low`` / ``budget_high`` are the usual fractions.

@@ -1,4 +1,4 @@
-"""The three task types and how a model sees them (ALGORITHMS.md §5, §6).
+"""The three task types and how a model sees them (docs/algorithms.md §5, §6).
 
 Each task says how an example becomes model input (text-to-text, or an encoder head's
 classification / span target) and how predictions are scored. Tokenisation is the

@@ -2,7 +2,7 @@
 
 Each client's budget is ``M_k = mem(dense) + u_k · Σ_j mem(expert j)`` with ``u_k`` drawn
 uniformly in ``[setting.budget_low, setting.budget_high]`` (seeded), in training bytes under
-the configured fine-tuning mode (ALGORITHMS.md §5: every client fits the dense part plus
+the configured fine-tuning mode (docs/algorithms.md §5.3: every client fits the dense part plus
 some experts; only clients with ``u_k ≥ 1`` fit the whole MoE). A client is "sufficient"
 for stage 1 when M_k ≥ the full-MoE cost.
 """

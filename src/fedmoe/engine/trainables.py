@@ -1,6 +1,6 @@
 """What a client trains and what travels: LoRA (default) or full fine-tuning.
 
-ALGORITHMS.md §1 "What is trained and what travels": by default clients train LoRA
+docs/algorithms.md §1.3, what is trained and what travels: by default clients train LoRA
 adapters on kept experts and attention, plus the router rows of kept experts (and task
 heads); base weights stay frozen and cross the wire once. ``finetune = "full"`` trains and
 ships every kept weight.

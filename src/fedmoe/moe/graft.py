@@ -1,4 +1,4 @@
-"""Model-side helpers of HFedMoE (ALGORITHMS.md §3) and FLEx (§4), for every registered family.
+"""Model-side helpers of HFedMoE (docs/algorithms.md §3) and FLEx (§4), for every registered family.
 
 HFedMoE:
 

@@ -1,6 +1,6 @@
 """LoRA on (sub-)MoEs with ``peft``, and the trainable-tensor layout that travels.
 
-What is trained (ALGORITHMS.md §1, "What is trained and what travels"): LoRA adapters on
+What is trained (docs/algorithms.md §1.3, what is trained and what travels): LoRA adapters on
 every kept expert and on attention, plus the router rows of the kept experts and any task
 heads; the pretrained base weights stay frozen.
 

@@ -1,4 +1,4 @@
-"""Routing statistics: the paper's activation probabilities p_{i,j} (ALGORITHMS.md notation).
+"""Routing statistics: the paper's activation probabilities p_{i,j} (docs/algorithms.md §0).
 
 Forward hooks on every router count, per MoE layer i and expert j, the tokens routed to
 j — each of a token's top-k choices counts once — and the router probability mass. Then

@@ -1,4 +1,4 @@
-"""Sub-MoE extraction and merge (ALGORITHMS.md §1 stage 2 steps 2 and 4).
+"""Sub-MoE extraction and merge (docs/algorithms.md §1.2 steps 2 and 4).
 
 ``extract`` builds a standalone, trainable model of the *same Hugging Face class* that
 holds every dense parameter, only the kept experts of each MoE layer, and the router

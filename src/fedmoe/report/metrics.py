@@ -1,4 +1,4 @@
-"""Pure functions behind ``fedmoe report`` (ALGORITHMS.md §6): every number in the report is
+"""Pure functions behind ``fedmoe report`` (docs/algorithms.md §6): every number in the report is
 recomputed here from the records a run wrote (``rounds.jsonl`` rows and ``summary.json``),
 passed in as plain dicts/lists. Nothing here reads files or plots.
 

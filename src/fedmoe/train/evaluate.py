@@ -1,4 +1,4 @@
-"""Evaluation on a client's split with its task's metric (ALGORITHMS.md §6).
+"""Evaluation on a client's split with its task's metric (docs/algorithms.md §6.1).
 
 * encoder heads: TC argmax; RC best span (start ≤ end, ≤ 30 tokens, inside the context);
   TS the highest-scoring sentence (extractive).

@@ -1,6 +1,6 @@
 """The client's local training loop. Reads top to bottom.
 
-Loss (ALGORITHMS.md §1 stage 2 step 3): label-smoothed cross-entropy on the task target
+Loss (docs/algorithms.md §1.2 step 3): label-smoothed cross-entropy on the task target
 + ``a`` · load-balance loss over the experts the client holds (Switch-style
 ``E · Σ_j f_j · P_j`` per MoE layer, averaged over layers; a sub-MoE's routers only score
 kept experts, so this is "over its kept experts" by construction).

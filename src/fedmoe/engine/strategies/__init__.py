@@ -17,12 +17,12 @@ from fedmoe.errors import ConfigError
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedmoe": FedMoEStrategy,
-    "random_moe": FedMoEStrategy,  # random initial sets, no recommendation (ALGORITHMS.md §2)
-    "fedavg": FedAvgStrategy,  # dense-sharing baselines (ALGORITHMS.md §2)
+    "random_moe": FedMoEStrategy,  # random initial sets, no recommendation (docs/algorithms.md §2.4)
+    "fedavg": FedAvgStrategy,  # dense-sharing baselines (docs/algorithms.md §2)
     "fedprox": FedProxStrategy,
     "scaffold": ScaffoldStrategy,
-    "hfedmoe": HFedMoEStrategy,  # budget-aware selection + sparsity-aware aggregation (ALGORITHMS.md §3)
-    "flex": FlexStrategy,  # personalised grafted side experts (ALGORITHMS.md §4)
+    "hfedmoe": HFedMoEStrategy,  # budget-aware selection + sparsity-aware aggregation (docs/algorithms.md §3)
+    "flex": FlexStrategy,  # personalised grafted side experts (docs/algorithms.md §4)
 }
 
 

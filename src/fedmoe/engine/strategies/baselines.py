@@ -1,4 +1,4 @@
-"""Dense-sharing baselines on the engine: FedAvg, FedProx, SCAFFOLD (ALGORITHMS.md §2).
+"""Dense-sharing baselines on the engine: FedAvg, FedProx, SCAFFOLD (docs/algorithms.md §2).
 
 Every client trains the same global model with all of its experts; the server averages
 everything (FedAvg, :mod:`fedmoe.algorithms.fedavg`), FedProx adds the proximal term to the
@@ -22,7 +22,7 @@ variates that travel both ways (:mod:`fedmoe.algorithms.scaffold`).
   samples ``run.fed.sample_clients(r, rng_r)`` with the per-round generator
   :meth:`~fedmoe.engine.strategies.base.Strategy.round_rng` (so a resumed run replays
   exactly); drawn clients that are excluded are skipped.
-* **What travels** (ALGORITHMS.md §1): the trainable tensors (LoRA adapters, router rows,
+* **What travels** (docs/algorithms.md §1.3): the trainable tensors (LoRA adapters, router rows,
   heads) down and up every round, base weights once; SCAFFOLD adds ``c`` down and ``Δc_k`` up
   as :class:`~fedmoe.engine.client.ClientPlan` extras, both counted.
 """

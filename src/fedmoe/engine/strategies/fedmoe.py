@@ -1,4 +1,4 @@
-"""FedMoE (and randomMoE) on the engine: stage 1, then Algorithm 1 (ALGORITHMS.md §1, §2).
+"""FedMoE (and randomMoE) on the engine: stage 1, then Algorithm 1 (docs/algorithms.md §1, §2.4).
 
 ``random_moe`` = random initial sets under the same budget rule, no recommendation; the
 FedMoE ablations are the switches ``fedmoe.stage1`` and ``fedmoe.stage2_adjust``.

@@ -1,4 +1,4 @@
-"""FLEx on the engine: one personalised side expert per client and MoE layer (ALGORITHMS.md §4).
+"""FLEx on the engine: one personalised side expert per client and MoE layer (docs/algorithms.md §4).
 
 The pure steps live in :mod:`fedmoe.algorithms.flex` (shared/personal split, FedAvg of the
 shared tensors, server bookkeeping) and :mod:`fedmoe.moe.graft` (choosing e*, grafting).

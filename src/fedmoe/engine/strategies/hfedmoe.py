@@ -1,4 +1,4 @@
-"""HFedMoE on the engine: budget-aware expert selection + sparsity-aware aggregation (ALGORITHMS.md §3).
+"""HFedMoE on the engine: budget-aware expert selection + sparsity-aware aggregation (docs/algorithms.md §3).
 
 The pure steps live in :mod:`fedmoe.algorithms.hfedmoe` (C_k, importance, IB score,
 selection, τ-filtered expert aggregation, importance-weighted gate aggregation) and

@@ -1,4 +1,4 @@
-"""What training a (sub-)MoE costs in memory, and how to measure it (ALGORITHMS.md §1 stage 1 step 3).
+"""What training a (sub-)MoE costs in memory, and how to measure it (docs/algorithms.md §1.1 step 3).
 
 FedMoE's θ search prices a submodel as ``mem(dense part) + Σ mem(kept experts)`` and compares
 it with a client's budget. ``mem`` is what *training* the submodel costs — weights, gradients

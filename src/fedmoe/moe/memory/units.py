@@ -64,7 +64,7 @@ class MemoryTable:
 
 
 def submodel_training_bytes(dense_bytes_part: float, expert_bytes_kept: Iterable[float]) -> int:
-    """``mem = mem(dense part) + Σ mem(kept experts)`` (ALGORITHMS.md §1 stage 1 step 3).
+    """``mem = mem(dense part) + Σ mem(kept experts)`` (docs/algorithms.md §1.1 step 3).
 
     The parts come from :func:`training_table` (training cost) or :func:`param_bytes_by_unit`
     (weights only); nothing is shared between parts, so the sum is the whole cost.
