@@ -21,12 +21,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: dict[str, int] = {
     "errors": 0,
     "faultspec": 1,
-    "config": 2, "core": 2,
-    "algorithms": 3, "data": 3, "moe": 3,
-    "train": 4,
-    "engine": 5, "report": 5,
-    "flower": 6,
-    "cli": 7, "__main__": 7,
+    "core": 2,
+    "algorithms": 3,  # its __init__ holds the algorithm registry, which config reads
+    "config": 4,
+    "data": 5, "moe": 5,
+    "train": 6,
+    "engine": 7, "report": 7,
+    "flower": 8,
+    "cli": 9, "__main__": 9,
 }
 #: third-party packages the pure layers must not import (model code, adapters, transport)
 IMPURE = ("transformers", "peft", "flwr", "torch.nn", "accelerate", "datasets")

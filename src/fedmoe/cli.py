@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedmoe.algorithms import ALGORITHM_NAMES
 from fedmoe.errors import FedMoEError, RunStopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Personalised federated fine-tuning of MoE LMs.")
@@ -24,6 +25,7 @@ app.add_typer(data_app, name="data")
 console = Console()
 err = Console(stderr=True)
 DEBUG = {"on": False}
+_RUN_SET_HELP = "override: section.key=value; algorithm=" + " | ".join(ALGORITHM_NAMES)
 
 
 @app.callback()
@@ -73,7 +75,7 @@ def inspect(model: Annotated[str, typer.Argument(help="tiny-<family>, a preset, 
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment TOML file")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=_RUN_SET_HELP)] = None,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/latest"),
     resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory")] = None,
     engine: Annotated[str | None, typer.Option(

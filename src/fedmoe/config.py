@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmoe.algorithms import ALGORITHM_NAMES
 from fedmoe.errors import ConfigError
 
 
@@ -310,8 +311,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    # the strategy registry (fedmoe.engine.strategies.STRATEGIES; a test keeps them equal)
-    "algorithm": ("fedmoe", "random_moe", "fedavg", "fedprox", "scaffold", "hfedmoe", "flex"),
+    "algorithm": ALGORITHM_NAMES,  # the algorithm registry (fedmoe.algorithms.REGISTRY)
     "model.dtype": ("float32", "bfloat16", "float16"),
     "train.finetune": ("lora", "full"),
     "engine.name": ("inprocess", "flower-sim"),

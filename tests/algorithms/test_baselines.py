@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
-from fedmoe.algorithms import ALGORITHMS, fedavg, fedprox, get_algorithm, random_moe, scaffold
+from fedmoe.algorithms import ALGORITHM_NAMES, algorithm_spec, fedavg, fedprox, random_moe, scaffold
 from fedmoe.algorithms.fedmoe import MemoryTable
 from fedmoe.core.search import set_bytes
 from fedmoe.errors import BudgetError
@@ -18,9 +20,9 @@ def t(*xs: float) -> torch.Tensor:
 
 def test_registry_has_the_baselines():
     for name in ("fedavg", "fedprox", "scaffold", "random_moe"):
-        assert name in ALGORITHMS
-    assert get_algorithm("scaffold") is scaffold
-    assert get_algorithm("random_moe") is random_moe
+        assert name in ALGORITHM_NAMES
+    assert importlib.import_module(algorithm_spec("scaffold").server) is scaffold
+    assert importlib.import_module(algorithm_spec("random_moe").server) is random_moe
 
 
 # -- FedAvg ---------------------------------------------------------------------------------

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import numpy as np
 import pytest
 
-from fedmoe.algorithms import ALGORITHMS, get_algorithm
+from fedmoe.algorithms import algorithm_spec
 from fedmoe.algorithms.fedmoe import (
     ClientResult,
     FedMoEServerState,
@@ -26,11 +27,11 @@ PC = np.array([[0.0, 1.0], [0.5, 0.5]])
 
 
 def test_registry() -> None:
-    assert ALGORITHMS["fedmoe"] == "fedmoe.algorithms.fedmoe"
-    assert get_algorithm("fedmoe").after_round is after_round
-    assert get_algorithm("scaffold").__name__ == "fedmoe.algorithms.scaffold"
+    assert algorithm_spec("fedmoe").server == "fedmoe.algorithms.fedmoe"
+    assert importlib.import_module(algorithm_spec("fedmoe").server).after_round is after_round
+    assert algorithm_spec("scaffold").server == "fedmoe.algorithms.scaffold"
     with pytest.raises(ConfigError, match="did you mean `fedmoe`"):
-        get_algorithm("fedmo")
+        algorithm_spec("fedmo")
 
 
 def test_predict_p_same_task_weighted_and_fallback() -> None:

@@ -1,34 +1,28 @@
 """Engine strategies: how each algorithm plans rounds, prepares clients and aggregates.
 
 A strategy (Flower's configure/aggregate verbs) glues a pure algorithm module
-(:mod:`fedmoe.algorithms`) to the engine. Register new ones in :data:`STRATEGIES`.
+(:mod:`fedmoe.algorithms`) to the engine. :data:`STRATEGIES` is derived from the algorithm
+registry (:data:`fedmoe.algorithms.REGISTRY`, each entry's ``strategy``): add new algorithms
+there (docs/extending.md). Importing this package imports every strategy module, which
+registers their client code (:mod:`fedmoe.engine.node_plans`).
 """
 
 from __future__ import annotations
 
-import difflib
+import importlib
 
+from fedmoe.algorithms import REGISTRY, algorithm_spec
 from fedmoe.engine.strategies.base import Strategy
-from fedmoe.engine.strategies.baselines import FedAvgStrategy, FedProxStrategy, ScaffoldStrategy
-from fedmoe.engine.strategies.fedmoe import FedMoEStrategy
-from fedmoe.engine.strategies.flex import FlexStrategy
-from fedmoe.engine.strategies.hfedmoe import HFedMoEStrategy
-from fedmoe.errors import ConfigError
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    "fedmoe": FedMoEStrategy,
-    "random_moe": FedMoEStrategy,  # random initial sets, no recommendation (docs/algorithms.md §2.4)
-    "fedavg": FedAvgStrategy,  # dense-sharing baselines (docs/algorithms.md §2)
-    "fedprox": FedProxStrategy,
-    "scaffold": ScaffoldStrategy,
-    "hfedmoe": HFedMoEStrategy,  # budget-aware selection + sparsity-aware aggregation (docs/algorithms.md §3)
-    "flex": FlexStrategy,  # personalised grafted side experts (docs/algorithms.md §4)
-}
+
+def _strategy_class(path: str) -> type[Strategy]:
+    module, _, cls = path.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {spec.name: _strategy_class(spec.strategy) for spec in REGISTRY}
 
 
 def get_strategy(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        close = difflib.get_close_matches(name, list(STRATEGIES), n=1)
-        hint = f"did you mean `{close[0]}`?" if close else f"use one of: {', '.join(sorted(STRATEGIES))}."
-        raise ConfigError(f"Unknown algorithm `{name}`.", hint)
+    algorithm_spec(name)  # unknown name: ConfigError with the nearest one
     return STRATEGIES[name](name)
