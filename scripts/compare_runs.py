@@ -11,13 +11,20 @@ What is compared, file by file over the union of both trees:
 * ``manifest.json`` of checkpoints: as JSON without the ``files`` hashes (the files themselves
   are compared above);
 * ``*.pkl`` (checkpoint state): the opcode stream of the pickle (:mod:`pickletools`), with the
-  float that follows a :data:`TIME_KEYS` key masked (the round records inside hold wall times).
-  Nothing is unpickled: no code from the files runs;
+  float that follows a :data:`TIME_KEYS` key masked (the round records inside hold wall times),
+  frame sizes ignored, and each tensor torch nested in it compared by dtype, shape and bytes
+  (its storage keys vary between runs). Nothing is unpickled; nested tensors are read with
+  ``torch.load(weights_only=True)``: no code from the files runs. Run both sides with the same
+  ``PYTHONHASHSEED`` (e.g. 0): checkpoints pickle sets of strings, whose order follows hashing.
+  Dicts rebuilt from safetensors bytes (SCAFFOLD's client variates) come in the order of its
+  Rust hash map, which changes per process: the same opcodes in another order are reported as a
+  ``note:`` line, not as a difference;
 * everything else (``config.toml``, ``expert_map.json``, ``p_by_task.json``, ``LATEST`` …): byte
   for byte.
 
 A file present on one side only is a difference. Exit status 0 when every pair is identical,
-1 otherwise (each difference on one line), 2 for a missing directory.
+1 otherwise (each difference on one line), 2 for a missing directory. ``note:`` lines never
+change the status.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from typing import Any
 
 #: fields holding measured times: they differ between any two runs
 TIME_KEYS = frozenset({"wall_time_s"})
+#: prefix of lines that describe a difference that is not one (the outputs are still identical)
+NOTE = "note: "
 
 
 def _strip(obj: Any) -> Any:
@@ -54,6 +63,23 @@ def _tensors(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], bytes]],
     return out, meta
 
 
+#: a tensor pickled by torch is a nested legacy ``torch.save`` blob; its storage keys are not
+#: deterministic, so the tensor inside is compared instead
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+def _torch_blob(data: bytes) -> tuple[str, str, tuple[int, ...], bytes]:
+    """A nested torch tensor or storage as (dtype, shape, raw bytes), read with ``weights_only=True`` (no code runs)."""
+    import io
+
+    import torch
+
+    t = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    if isinstance(t, torch.storage.TypedStorage):  # pickled tensors nest their storage
+        t = torch.empty(0, dtype=t.dtype).set_(t)
+    return ("tensor", str(t.dtype), tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def _pickle_ops(data: bytes) -> list[tuple[str, Any]]:
     """The opcodes of a pickle with their arguments; a float right after a time key becomes None."""
     import pickletools
@@ -69,6 +95,10 @@ def _pickle_ops(data: bytes) -> list[tuple[str, Any]]:
             continue
         if name in ("BINFLOAT", "FLOAT") and last in TIME_KEYS:
             arg = None
+        elif name == "FRAME":  # frame sizes follow the sizes of the blobs compared below
+            arg = None
+        elif isinstance(arg, bytes) and arg.startswith(_TORCH_LEGACY_MAGIC):
+            arg = _torch_blob(arg)
         ops.append((name, arg))
         last = memo.get(int(arg)) if name in ("BINGET", "LONG_BINGET", "GET") else arg if isinstance(arg, str) else None
     return ops
@@ -97,7 +127,12 @@ def compare_file(a: Path, b: Path, rel: str) -> list[str]:
     if name == "summary.json":
         return [] if _strip(json.loads(a.read_text())) == _strip(json.loads(b.read_text())) else [f"{rel}: differs"]
     if name.endswith(".pkl"):
-        return [] if _pickle_ops(a.read_bytes()) == _pickle_ops(b.read_bytes()) else [f"{rel}: pickled state differs"]
+        oa, ob = _pickle_ops(a.read_bytes()), _pickle_ops(b.read_bytes())
+        if oa == ob:
+            return []
+        if sorted(map(repr, oa)) == sorted(map(repr, ob)):
+            return [f"{NOTE}{rel}: same entries in another order (dicts filled from safetensors bytes follow its hash map)"]
+        return [f"{rel}: pickled state differs"]
     if name == "manifest.json":
         ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
         ja.pop("files", None)
@@ -127,10 +162,11 @@ def main(argv: list[str]) -> int:
             if not p.is_dir():
                 print(f"{p}: no such run directory; pass two folders written by `fedmoe run --out`.", file=sys.stderr)
                 return 2
-        diffs = compare_runs(pa, pb)
+        lines = compare_runs(pa, pb)
+        diffs = [d for d in lines if not d.startswith(NOTE)]
         n = sum(1 for p in pa.rglob("*") if p.is_file())
         print(f"{'IDENTICAL' if not diffs else 'DIFFERENT'} {pa} {pb} ({n} files)")
-        for d in diffs:
+        for d in lines:
             print("  " + d)
         status |= bool(diffs)
     return status

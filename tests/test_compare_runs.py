@@ -57,3 +57,22 @@ def test_every_kind_of_difference_is_reported(tmp_path):
     ]
     assert compare_runs.main([str(a), str(b)]) == 1
     assert compare_runs.main([str(a), str(tmp_path / "missing")]) == 2
+
+
+def test_pickled_state_compared_by_content_without_unpickling(tmp_path):
+    import pickle
+
+    def write(name, state):
+        d = _run_dir(tmp_path / name)
+        (d / "checkpoints" / "round-00001" / "state.pkl").write_bytes(pickle.dumps(state, protocol=4))
+        return d
+
+    x, y = torch.arange(4.0), torch.ones(2, dtype=torch.bfloat16)
+    a = write("a", {"rounds": [{"wall_time_s": 1.0, "loss": 0.5}], "c": {"x": x, "y": y}})
+    same = write("same", {"rounds": [{"wall_time_s": 9.0, "loss": 0.5}], "c": {"x": x.clone(), "y": y.clone()}})
+    order = write("order", {"rounds": [{"wall_time_s": 1.0, "loss": 0.5}], "c": {"y": y, "x": x}})
+    value = write("value", {"rounds": [{"wall_time_s": 1.0, "loss": 0.5}], "c": {"x": x + 1, "y": y}})
+    assert compare_runs.compare_runs(a, same) == []
+    notes = compare_runs.compare_runs(a, order)
+    assert len(notes) == 1 and notes[0].startswith(compare_runs.NOTE) and compare_runs.main([str(a), str(order)]) == 0
+    assert compare_runs.compare_runs(a, value) == ["checkpoints/round-00001/state.pkl: pickled state differs"]
