@@ -56,7 +56,8 @@ def ib_score(G: Any, s: Any, beta: float = DEFAULT_BETA) -> tuple[np.ndarray, np
     KL_e = (1/B) Σ_b G_e(x_b)·log(G_e(x_b)/p̄_e) with p̄_e = (1/B) Σ_b G_e(x_b), and
     I(e) = s(e) − β·KL_e (``beta`` ≥ 0, default 0.1, choice). Terms with G_e(x_b) = 0 are
     exactly 0 (0·log 0 = 0); no eps is added anywhere: whenever some G_e(x_b) > 0, p̄_e > 0,
-    and an expert with p̄_e = 0 has KL_e = 0. KL_e ≥ 0 (Jensen).
+    and an expert with p̄_e = 0 has KL_e = 0. KL_e ≥ 0 (Jensen), clamped at 0 against rounding
+    as in :class:`~fedmoe.core.router_stats.RouterStats` (all-equal rows gave −3.7e-17).
     """
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}.")
@@ -67,7 +68,7 @@ def ib_score(G: Any, s: Any, beta: float = DEFAULT_BETA) -> tuple[np.ndarray, np
     p_bar = g.mean(axis=0)
     pos = g > 0
     ratio = np.where(pos, g / np.where(p_bar > 0, p_bar, 1.0), 1.0)
-    kl = np.where(pos, g * np.log(ratio), 0.0).mean(axis=0)
+    kl = np.maximum(np.where(pos, g * np.log(ratio), 0.0).mean(axis=0), 0.0)  # ≥ 0 (rounding)
     return kl, s - beta * kl
 
 
