@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import save_file
-
 from fedmoe.config import ExperimentConfig, dump_toml
 from fedmoe.data.settings import build_federation
 from fedmoe.engine.budget import MemoryPlan, plan_memory
@@ -22,7 +20,7 @@ from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from fedmoe.engine.client import ClientContext, ClientPlan, evaluate_client, run_client
 from fedmoe.engine.faults import Deadline, check_upload, expected_upload, parse_faults
 from fedmoe.engine.fingerprint import model_fingerprint
-from fedmoe.engine.payload import from_bytes, to_bytes
+from fedmoe.engine.payload import from_bytes, payload_size, save_tensors_file, to_bytes
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.strategies import get_strategy
 from fedmoe.engine.strategies.base import RoundPlan
@@ -78,7 +76,8 @@ class Run:
 
     # -- one client ------------------------------------------------------------------
     def _base_bytes(self, cid: int, kept: list[list[int]]) -> int:
-        """Serialised size of the base weights this client does not hold yet (sent once)."""
+        """Serialised size of the base weights this client does not hold yet (sent once),
+        computed from tensor metadata; tied tensors count once (:func:`payload_size`)."""
         have = self.cache.setdefault(cid, set())
         state, layout = self.base.state_dict(), self.base_layout
         tensors: dict[str, Any] = {}
@@ -91,7 +90,7 @@ class Run:
                     for n, s in enumerate(layout.experts[(i, g)] + layout.routers[(i, g)]):
                         tensors[f"{s.key}#{g}#{n}"] = s.read(state)
                     have.add((i, g))
-        return len(to_bytes(tensors))
+        return payload_size(tensors)
 
     def _client(self, cid: int, kept: list[list[int]], stage: int, rnd: int):
         """One client's turn. A turn that raises, runs past ``engine.client_timeout_s`` or sends
@@ -312,5 +311,5 @@ def write_outputs(run: Run, t0: float, scores: dict[str, dict[str, float]] | Non
         {str(k): v for k, v in run.strategy.final_sets(run).items()}, indent=1))
     run.p_snapshots["end"] = run.p_by_task()
     (out / "p_by_task.json").write_text(json.dumps(run.p_snapshots))
-    save_file({k: v.contiguous() for k, v in run.trainables.state.items()}, str(out / "global_trainable.safetensors"))
+    save_tensors_file(run.trainables.state, out / "global_trainable.safetensors")
     return summary
