@@ -74,8 +74,10 @@ def load_model(name: str, seed: int = 0, dtype: str = "float32") -> tuple[nn.Mod
 
 
 def _byte_tokenizer(model: nn.Module) -> Any:
-    from fedmoe.train.tokenizer import ByteTokenizer
+    from fedmoe.train.tokenizer import ByteTokenizer, char_wordpiece_tokenizer
 
+    if model.config.model_type == "bert_moe":  # task heads need a real (fast) tokenizer
+        return char_wordpiece_tokenizer(model.config.vocab_size)
     return ByteTokenizer(model.config.vocab_size)
 
 

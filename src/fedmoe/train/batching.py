@@ -103,7 +103,7 @@ def _collate_encoder(task: Any, examples: Sequence[Example], tok: Any, max_len: 
                   max_length=max_len, padding=True, return_tensors="pt")
         return {**dict(enc), "task": "tc", "labels": torch.tensor([ex.label for ex in examples])}
     if name == "rc":
-        qs = [ex.question for ex in examples if isinstance(ex, RCExample)]
+        qs = [_cap(tok, ex.question, max_len // 2) for ex in examples if isinstance(ex, RCExample)]
         cs = [ex.context for ex in examples if isinstance(ex, RCExample)]
         enc = tok(qs, cs, truncation="only_second", max_length=max_len, padding=True,
                   return_offsets_mapping=True, return_tensors="pt")
@@ -147,6 +147,13 @@ def _collate_encoder(task: Any, examples: Sequence[Example], tok: Any, max_len: 
     pos_t = torch.tensor([p + [-1] * (n_s - len(p)) for p in positions], dtype=torch.long)
     return {"input_ids": _pad(rows, tok.pad_token_id), "attention_mask": _mask(rows), "task": "ts",
             "sentence_positions": pos_t, "labels": torch.tensor(targets), "sentences": sents_all}
+
+
+def _cap(tok: Any, text: str, n: int) -> str:
+    """``text`` cut to its first ``n`` tokens (a question longer than half the window would
+    leave no room for the context under ``only_second`` truncation)."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text if len(enc["input_ids"]) <= n else text[: enc["offset_mapping"][n - 1][1]]
 
 
 def iterate_batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
