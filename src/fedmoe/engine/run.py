@@ -2,7 +2,9 @@
 
 Outputs in ``out_dir``: ``config.toml`` (fully resolved), ``rounds.jsonl`` (one
 :class:`~fedmoe.engine.records.RoundRecord` per round), ``summary.json``,
-``expert_map.json``, and the global trainable tensors (``global_trainable.safetensors``).
+``expert_map.json``, the global trainable tensors (``global_trainable.safetensors``) and
+``predictions.jsonl`` (the final evaluation, one row per client test example: ``client``,
+``id``, ``task``, ``prediction``, ``reference``, ``score``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fedmoe.config import ExperimentConfig, dump_toml
 from fedmoe.data.settings import build_federation
 from fedmoe.engine.budget import MemoryPlan, plan_memory
@@ -30,6 +33,8 @@ from fedmoe.moe.models import load_model
 from fedmoe.moe.slicing import extract, layout_of
 from fedmoe.train.batching import model_kind
 from fedmoe.train.loop import pick_device, seed_everything
+
+PREDICTIONS = "predictions.jsonl"
 
 
 class Run:
@@ -55,6 +60,7 @@ class Run:
         self.latest_p: dict[int, np.ndarray] = {}  # client → p of its latest participation
         self.p_snapshots: dict[str, dict[str, list]] = {}  # "after_stage1" / "end" → task → mean p
         self.faults = parse_faults(cfg.engine.inject_faults)  # tests and drills only
+        self.predictions: list[dict] = []  # final evaluation, one row per test example
         #: structure of the model as loaded, before the strategy may replace it (what nodes load)
         self.loaded_structure = model_fingerprint(self.base)
         self.strategy.setup(self)
@@ -193,13 +199,16 @@ class Run:
 
     # -- final evaluation --------------------------------------------------------------
     def final_scores(self) -> dict[str, dict[str, float]]:
-        """Example-weighted mean test scores per task, each client on its own sub-MoE."""
+        """Example-weighted mean test scores per task, each client on its own sub-MoE; the
+        per-example rows go to ``self.predictions`` (``predictions.jsonl``)."""
         rows = []
+        self.predictions = []
         for cid, kept in self.strategy.final_sets(self).items():
             client = self.clients[cid]
             sub = extract(self.base, kept, self.family)
             trainables = self.strategy.client_trainables(self, cid, None)
-            rows.append((client.task, len(client.test), evaluate_client(self.ctx, client, sub, trainables)))
+            rows.append((client.task, len(client.test),
+                         evaluate_client(self.ctx, client, sub, trainables, predictions=self.predictions)))
         return combine_scores(rows)
 
 
@@ -307,6 +316,8 @@ def write_outputs(run: Run, t0: float, scores: dict[str, dict[str, float]] | Non
     summary["failed_client_turns"] = sum(1 for rr in run.rounds for c in rr.clients if c.error)
     summary["wall_time_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    if run.predictions:
+        (out / PREDICTIONS).write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in run.predictions))
     (out / "expert_map.json").write_text(json.dumps(
         {str(k): v for k, v in run.strategy.final_sets(run).items()}, indent=1))
     run.p_snapshots["end"] = run.p_by_task()

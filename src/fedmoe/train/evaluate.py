@@ -117,3 +117,17 @@ def evaluate(model: nn.Module, kind: str, task: Any, examples: list, tok: Any, d
     preds = predict(model, kind, task, examples, tok, data_cfg, device, batch_size)
     refs = [task.reference(ex) for ex in examples]
     return task.score(preds, refs)
+
+
+def evaluate_with_predictions(model: nn.Module, kind: str, task: Any, examples: list, tok: Any, data_cfg: DataConfig,
+                              device: torch.device, batch_size: int = 32) -> tuple[dict[str, float], list[dict]]:
+    """:func:`evaluate` plus one row per example: ``id``, ``task``, ``prediction``,
+    ``reference`` and ``score`` (the task's metrics on that example alone; every metric is a
+    mean over examples, so the rows' mean is the returned score)."""
+    if not examples:
+        return {}, []
+    preds = predict(model, kind, task, examples, tok, data_cfg, device, batch_size)
+    refs = [task.reference(ex) for ex in examples]
+    rows = [{"id": ex.id, "task": task.name, "prediction": p, "reference": list(r) if isinstance(r, tuple) else r,
+             "score": task.score([p], [r])} for ex, p, r in zip(examples, preds, refs, strict=True)]
+    return task.score(preds, refs), rows
