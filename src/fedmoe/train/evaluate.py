@@ -16,7 +16,7 @@ from torch import nn
 
 from fedmoe.config import DataConfig
 from fedmoe.data.examples import TCExample
-from fedmoe.train.batching import IGNORE, _ids, collate, model_inputs, text2text
+from fedmoe.train.batching import IGNORE, _ids, causal_prompt, collate, model_inputs, text2text
 from fedmoe.train.loop import forward_context, sequence_logprob
 
 MAX_SPAN = 30
@@ -86,8 +86,8 @@ def _generate(model, kind, task, chunk, tok, data_cfg, device) -> list[str]:
     prompts = []
     for ex in chunk:
         src, _ = text2text(task, ex)
-        budget = data_cfg.max_seq_len - (data_cfg.max_target_len if kind == "causal" else 1)
-        prompts.append(_ids(tok, src)[: max(1, budget)])
+        budget = max(1, data_cfg.max_seq_len - (data_cfg.max_target_len if kind == "causal" else 1))
+        prompts.append(causal_prompt(task, ex, tok, budget) if kind == "causal" else _ids(tok, src)[:budget])
     n = max(len(p) for p in prompts)
     if kind == "causal":  # left padding for decoder-only generation
         ids = torch.tensor([[pad] * (n - len(p)) + p for p in prompts])
