@@ -70,6 +70,12 @@ def inspect(model: Annotated[str, typer.Argument(help="tiny-<family>, a preset, 
     shared = ", ".join(family.shared_experts) or "none"
     console.print(f"dense bytes: {_mib(dense)}   total bytes: {_mib(total)}   "
                   f"parameters: {sum(p.numel() for p in m.parameters()):,}   shared experts: {shared}")
+    from fedmoe.moe.slicing import MAP_FILE, ExpertMap
+
+    if (Path(model) / MAP_FILE).is_file():  # a saved sub-MoE: which global experts each layer kept
+        emap = ExpertMap.from_json((Path(model) / MAP_FILE).read_text())
+        console.print(f"sub-MoE of a model with {emap.global_num_experts} experts per layer; kept global experts: "
+                      + "; ".join(f"layer {i}: {ids}" for i, ids in enumerate(emap.kept)))
 
 
 @app.command()

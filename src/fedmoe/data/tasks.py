@@ -19,6 +19,19 @@ from fedmoe.errors import ConfigError
 TASK_TYPES: tuple[str, ...] = ("tc", "rc", "ts")
 
 
+@dataclass(frozen=True)
+class PromptParts:
+    """A decoder-only prompt in pieces: ``head`` (instruction and field label) + ``body`` (the
+    long field: the only piece cut when the window is short) + ``tail`` (the question) form
+    the user's message; ``cue`` opens the answer (``"Topic:"``). How the pieces become tokens
+    (chat template or plain text, truncation) is :func:`fedmoe.train.batching.causal_prompt`'s job."""
+
+    head: str
+    body: str
+    tail: str
+    cue: str
+
+
 def _expect(example: Example, cls: type, task: str) -> Any:
     if not isinstance(example, cls):
         raise TypeError(f"task `{task}` expects a {cls.__name__}, got {type(example).__name__}.")
@@ -44,6 +57,12 @@ class TCTask:
         """``("Classify the topic: <title> <description>", <label word>)``."""
         ex: TCExample = _expect(example, TCExample, self.name)
         return self.prompt + ex.text, self.label_names[ex.label]
+
+    def to_prompt(self, example: Example) -> PromptParts:
+        """Decoder-only prompt; the answer is the label word."""
+        ex: TCExample = _expect(example, TCExample, self.name)
+        head = f"What is the topic of this news article? Answer with one of: {', '.join(self.label_names)}.\n\nArticle: "
+        return PromptParts(head, ex.text, "", "Topic:")
 
     def to_classification(self, example: Example) -> tuple[str, int]:
         """``(text, 0-based label id)`` for an encoder classification head."""
@@ -85,6 +104,12 @@ class RCTask:
         ex: RCExample = _expect(example, RCExample, self.name)
         return f"question: {ex.question} context: {ex.context}", ex.answers[0]
 
+    def to_prompt(self, example: Example) -> PromptParts:
+        """Decoder-only prompt; the answer is a span of the passage."""
+        ex: RCExample = _expect(example, RCExample, self.name)
+        head = "Answer the question with a short span copied from the passage.\n\nPassage: "
+        return PromptParts(head, ex.context, f"\n\nQuestion: {ex.question}", "Answer:")
+
     def to_span(self, example: Example) -> tuple[str, str, int, str]:
         """``(question, context, answer_char_start, answer_text)`` of the first answer."""
         ex: RCExample = _expect(example, RCExample, self.name)
@@ -112,6 +137,11 @@ class TSTask:
         """``("summarize: <document>", <summary>)``."""
         ex: TSExample = _expect(example, TSExample, self.name)
         return self.prompt + ex.document, ex.summary
+
+    def to_prompt(self, example: Example) -> PromptParts:
+        """Decoder-only prompt; the answer is the one-sentence summary."""
+        ex: TSExample = _expect(example, TSExample, self.name)
+        return PromptParts("Summarize the article in one sentence.\n\nArticle: ", ex.document, "", "Summary:")
 
     def reference(self, example: Example) -> str:
         return _expect(example, TSExample, self.name).summary

@@ -22,8 +22,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors.torch import load_file, save_file
-
+from fedmoe.engine.payload import load_tensors_file, save_tensors_file
 from fedmoe.errors import FedMoEError
 
 if TYPE_CHECKING:
@@ -55,11 +54,7 @@ def save_checkpoint(run: Run, rnd: int, keep: int = 2) -> Path:
     root = run.out / CKPT_DIR
     d = root / f"round-{rnd:05d}"
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "trainable.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in run.trainables.state.items()}, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, d / "trainable.safetensors")
+    save_tensors_file(run.trainables.state, d / "trainable.safetensors")
     state = {"round": rnd, "strategy": run.strategy.state_dict(), "cache": run.cache, "rounds": run.rounds,
              "latest_p": run.latest_p, "p_snapshots": run.p_snapshots}
     _fsync_write(d / "state.pkl", pickle.dumps(state))
@@ -94,7 +89,7 @@ def load_checkpoint(run: Run, d: Path) -> int:
         if manifest[key] != have:
             raise CheckpointError(f"Checkpoint {d} was written with {key}={manifest[key]!r}, the config says {have!r}.",
                                   "resume with the run directory's own config.toml (no overrides of these keys).")
-    tensors = load_file(str(d / "trainable.safetensors"))
+    tensors = load_tensors_file(d / "trainable.safetensors")
     if set(tensors) != set(run.trainables.state):
         raise CheckpointError(f"Checkpoint {d} does not match the model: trainable tensors differ.",
                               "resume with the same model and fine-tuning settings.")

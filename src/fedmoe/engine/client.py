@@ -21,7 +21,7 @@ from fedmoe.engine.protocols import ClientContext
 from fedmoe.engine.trainables import Trainables
 from fedmoe.moe.routing import RoutingStats
 from fedmoe.moe.slicing import ExpertMap, SubMoE
-from fedmoe.train.evaluate import evaluate
+from fedmoe.train.evaluate import evaluate, evaluate_with_predictions
 from fedmoe.train.loop import LocalHooks, LocalResult, local_train
 
 
@@ -132,16 +132,21 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
 
 
 def evaluate_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: Trainables,
-                    download: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+                    download: dict[str, torch.Tensor] | None = None, predictions: list | None = None) -> dict[str, float]:
     """A client's test scores on its sub-MoE with the given trainable tensors (the final
     evaluation; the same code in-process and on a node). ``download`` None: the tensors
-    ``trainables`` holds for this client (:meth:`~fedmoe.engine.trainables.Trainables.for_client`)."""
+    ``trainables`` holds for this client (:meth:`~fedmoe.engine.trainables.Trainables.for_client`).
+    ``predictions``: a list that gets one row per test example (``client`` + the fields of
+    :func:`~fedmoe.train.evaluate.evaluate_with_predictions`)."""
     model = trainables.wrap(sub).to(ctx.device)
     if download is None:
         download = trainables.for_client(model, sub.expert_map, client.task)
     trainables.load(model, download)
-    return evaluate(model, ctx.kind, ctx.tasks[client.task], list(client.test), ctx.tokenizer, ctx.cfg.data,
-                    ctx.device, ctx.cfg.train.eval_batch_size)
+    scores, rows = evaluate_with_predictions(model, ctx.kind, ctx.tasks[client.task], list(client.test),
+                                             ctx.tokenizer, ctx.cfg.data, ctx.device, ctx.cfg.train.eval_batch_size)
+    if predictions is not None:
+        predictions.extend({"client": client.client_id, **r} for r in rows)
+    return scores
 
 
 def _validate(ctx: ClientContext, model, task, client: ClientData, stats: RoutingStats) -> dict[str, float]:

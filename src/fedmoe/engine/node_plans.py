@@ -26,18 +26,17 @@ import cycle); the two entry points that look plans up import them: :mod:`fedmoe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedmoe.algorithms import fedprox, scaffold
 from fedmoe.config import ExperimentConfig
+from fedmoe.engine.payload import load_tensors_file, save_tensors_file
 from fedmoe.errors import ConfigError
 from fedmoe.moe.families import MoEFamily
 from fedmoe.train.loop import LocalHooks, LocalResult
@@ -89,14 +88,11 @@ class DiskStore:
 
     def load(self, name: str) -> Tensors | None:
         path = self.path(name)
-        return load_file(str(path)) if path.is_file() else None
+        return load_tensors_file(path) if path.is_file() else None
 
     def save(self, name: str, tensors: Tensors) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.path(name)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        save_tensors_file(tensors, self.path(name))
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Outputs in ``out_dir``: ``config.toml`` (fully resolved), ``rounds.jsonl`` (one
 :class:`~fedmoe.engine.records.RoundRecord` per round), ``summary.json``,
-``expert_map.json``, and the global trainable tensors (``global_trainable.safetensors``).
+``expert_map.json``, the global trainable tensors (``global_trainable.safetensors``) and
+``predictions.jsonl`` (the final evaluation, one row per client test example: ``client``,
+``id``, ``task``, ``prediction``, ``reference``, ``score``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import save_file
 
 from fedmoe.config import ExperimentConfig, dump_toml
 from fedmoe.data.settings import build_federation
@@ -22,7 +23,7 @@ from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from fedmoe.engine.client import ClientContext, ClientPlan, evaluate_client, run_client
 from fedmoe.engine.faults import Deadline, check_upload, expected_upload, parse_faults
 from fedmoe.engine.fingerprint import model_fingerprint
-from fedmoe.engine.payload import from_bytes, to_bytes
+from fedmoe.engine.payload import from_bytes, payload_size, save_tensors_file, to_bytes
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.strategies import get_strategy
 from fedmoe.engine.strategies.base import RoundPlan
@@ -32,6 +33,8 @@ from fedmoe.moe.models import load_model
 from fedmoe.moe.slicing import extract, layout_of
 from fedmoe.train.batching import model_kind
 from fedmoe.train.loop import pick_device, seed_everything
+
+PREDICTIONS = "predictions.jsonl"
 
 
 class Run:
@@ -57,6 +60,7 @@ class Run:
         self.latest_p: dict[int, np.ndarray] = {}  # client → p of its latest participation
         self.p_snapshots: dict[str, dict[str, list]] = {}  # "after_stage1" / "end" → task → mean p
         self.faults = parse_faults(cfg.engine.inject_faults)  # tests and drills only
+        self.predictions: list[dict] = []  # final evaluation, one row per test example
         #: structure of the model as loaded, before the strategy may replace it (what nodes load)
         self.loaded_structure = model_fingerprint(self.base)
         self.strategy.setup(self)
@@ -78,7 +82,8 @@ class Run:
 
     # -- one client ------------------------------------------------------------------
     def _base_bytes(self, cid: int, kept: list[list[int]]) -> int:
-        """Serialised size of the base weights this client does not hold yet (sent once)."""
+        """Serialised size of the base weights this client does not hold yet (sent once),
+        computed from tensor metadata; tied tensors count once (:func:`payload_size`)."""
         have = self.cache.setdefault(cid, set())
         state, layout = self.base.state_dict(), self.base_layout
         tensors: dict[str, Any] = {}
@@ -91,7 +96,7 @@ class Run:
                     for n, s in enumerate(layout.experts[(i, g)] + layout.routers[(i, g)]):
                         tensors[f"{s.key}#{g}#{n}"] = s.read(state)
                     have.add((i, g))
-        return len(to_bytes(tensors))
+        return payload_size(tensors)
 
     def _client(self, cid: int, kept: list[list[int]], stage: int, rnd: int):
         """One client's turn. A turn that raises, runs past ``engine.client_timeout_s`` or sends
@@ -194,13 +199,16 @@ class Run:
 
     # -- final evaluation --------------------------------------------------------------
     def final_scores(self) -> dict[str, dict[str, float]]:
-        """Example-weighted mean test scores per task, each client on its own sub-MoE."""
+        """Example-weighted mean test scores per task, each client on its own sub-MoE; the
+        per-example rows go to ``self.predictions`` (``predictions.jsonl``)."""
         rows = []
+        self.predictions = []
         for cid, kept in self.strategy.final_sets(self).items():
             client = self.clients[cid]
             sub = extract(self.base, kept, self.family)
             trainables = self.strategy.client_trainables(self, cid, None)
-            rows.append((client.task, len(client.test), evaluate_client(self.ctx, client, sub, trainables)))
+            rows.append((client.task, len(client.test),
+                         evaluate_client(self.ctx, client, sub, trainables, predictions=self.predictions)))
         return combine_scores(rows)
 
 
@@ -308,9 +316,11 @@ def write_outputs(run: Run, t0: float, scores: dict[str, dict[str, float]] | Non
     summary["failed_client_turns"] = sum(1 for rr in run.rounds for c in rr.clients if c.error)
     summary["wall_time_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    if run.predictions:
+        (out / PREDICTIONS).write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in run.predictions))
     (out / "expert_map.json").write_text(json.dumps(
         {str(k): v for k, v in run.strategy.final_sets(run).items()}, indent=1))
     run.p_snapshots["end"] = run.p_by_task()
     (out / "p_by_task.json").write_text(json.dumps(run.p_snapshots))
-    save_file({k: v.contiguous() for k, v in run.trainables.state.items()}, str(out / "global_trainable.safetensors"))
+    save_tensors_file(run.trainables.state, out / "global_trainable.safetensors")
     return summary

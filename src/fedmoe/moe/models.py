@@ -52,7 +52,8 @@ def load_model(name: str, seed: int = 0, dtype: str = "float32") -> tuple[nn.Mod
     """Resolve ``name`` to a model and its family.
 
     Order: ``tiny-<family>``; a pretrained preset (``minilm-moe-<E>e``, ``smollm2-moe-<E>e``);
-    a local directory; a hub name (offline: from the local cache only). Returns
+    a sub-MoE folder (``save_sub_moe``: per-layer expert counts); a local directory; a hub
+    name (offline: from the local cache only). Returns
     ``(model, family, tokenizer)``; tiny models get a byte-level tokenizer.
     """
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
@@ -65,6 +66,9 @@ def load_model(name: str, seed: int = 0, dtype: str = "float32") -> tuple[nn.Mod
     if preset is not None:
         model, tok = preset if isinstance(preset, tuple) else (preset, None)
         return model.to(torch_dtype), family_for_model_type(model.config.model_type), tok or _byte_tokenizer(model)
+    sub = _saved_sub_moe(name, torch_dtype)
+    if sub is not None:
+        return sub.model, family_for_model_type(sub.model.config.model_type), _byte_tokenizer(sub.model)
     model, family = _from_pretrained(name, torch_dtype)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(name)
@@ -74,8 +78,10 @@ def load_model(name: str, seed: int = 0, dtype: str = "float32") -> tuple[nn.Mod
 
 
 def _byte_tokenizer(model: nn.Module) -> Any:
-    from fedmoe.moe.tokenizer import ByteTokenizer
+    from fedmoe.moe.tokenizer import ByteTokenizer, char_wordpiece_tokenizer
 
+    if model.config.model_type == "bert_moe":  # task heads need a real (fast) tokenizer
+        return char_wordpiece_tokenizer(model.config.vocab_size)
     return ByteTokenizer(model.config.vocab_size)
 
 
@@ -85,6 +91,25 @@ def _pretrained_preset(name: str) -> Any:
     except ImportError:  # presets module not available
         return None
     return presets.build_pretrained_preset(name)
+
+
+def _saved_sub_moe(name: str, torch_dtype: torch.dtype) -> Any:
+    """A folder written by :func:`~fedmoe.moe.slicing.save_sub_moe` (layers keep different expert
+    counts, so ``from_pretrained`` cannot read it) → its :class:`SubMoE`; None for other names."""
+    from fedmoe.moe.slicing import MAP_FILE, load_sub_moe
+
+    d = Path(name).expanduser()
+    if not (d / MAP_FILE).is_file():
+        return None
+    try:
+        sub = load_sub_moe(d)
+    except (ModelError, ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:
+        why = exc.what if isinstance(exc, ModelError) else (str(exc).strip().splitlines() or [""])[0]
+        raise ModelError(f"{d} holds {MAP_FILE} but is not a readable sub-MoE: {type(exc).__name__}: {why}",
+                         "write it again with fedmoe.moe.slicing.save_sub_moe (config.json, model.safetensors "
+                         f"and {MAP_FILE} from the same sub-MoE).") from None
+    sub.model.to(torch_dtype)
+    return sub
 
 
 def _from_pretrained(name: str, torch_dtype: torch.dtype) -> tuple[nn.Module, MoEFamily]:

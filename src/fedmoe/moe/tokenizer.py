@@ -7,6 +7,8 @@ vocabulary). It implements only what :mod:`fedmoe.train.batching` uses. It lives
 
 from __future__ import annotations
 
+from typing import Any
+
 PAD, EOS, CLS, SEP, OFFSET = 0, 1, 2, 3, 4
 
 
@@ -26,3 +28,21 @@ class ByteTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         data = bytes(i - OFFSET for i in ids if OFFSET <= i < 256 + OFFSET)
         return data.decode("utf-8", errors="ignore")
+
+
+def char_wordpiece_tokenizer(vocab_size: int = 256) -> Any:
+    """A real *fast* BERT WordPiece tokenizer over characters, for the random ``tiny-bert-moe``
+    (its task heads need pairs, ``token_type_ids`` and offsets, which :class:`ByteTokenizer`
+    lacks). Lower-cased, accents stripped; ids: ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3,
+    ``[MASK]`` 4, then letters, digits, punctuation and ``##`` continuations (< ``vocab_size``)."""
+    import string
+
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_lowercase + string.digits
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *string.punctuation, *(f"##{c}" for c in chars)]
+    wp = BertWordPieceTokenizer(vocab={t: i for i, t in enumerate(vocab[:vocab_size])}, lowercase=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"])

@@ -1,7 +1,8 @@
 """How examples become model inputs for the three model kinds.
 
 * ``causal`` (Mixtral, Qwen-MoE, OLMoE, DeepSeek): ``prompt + target + eos``; the loss is on
-  the target tokens only (prompt labels = −100).
+  the target tokens only (prompt labels = −100); the prompt is :func:`causal_prompt` (chat
+  template when the tokenizer has one, an answer cue, only the article/passage truncated).
 * ``seq2seq`` (SwitchTransformers): encoder gets the prompt, decoder the target.
 * ``encoder`` (our BERT-MoE): task heads — TC classification on [CLS], RC start/end span,
   TS extractive: score each sentence start, the target is the *oracle* sentence with the
@@ -83,12 +84,51 @@ def collate(kind: str, task: Any, examples: Sequence[Example], tok: Any, max_len
         return {"input_ids": ids, "attention_mask": (ids != pad).long() if pad != eos else _mask(enc), "labels": labels}
     rows, labels = [], []
     for ex in examples:
-        src, tgt = text2text(task, ex)
+        _, tgt = text2text(task, ex)
         t = _ids(tok, " " + tgt)[: max_target - 1] + [eos]
-        s = _ids(tok, src)[: max(1, max_len - len(t))]
+        s = causal_prompt(task, ex, tok, max(1, max_len - len(t)))
         rows.append(s + t)
         labels.append([IGNORE] * len(s) + t)
     return {"input_ids": _pad(rows, pad), "attention_mask": _mask(rows), "labels": _pad(labels, IGNORE)}
+
+
+_FRAMES: dict[int, tuple[Any, tuple[str, str] | None]] = {}
+_SLOT = "\x00message\x00"
+
+
+def chat_frame(tok: Any) -> tuple[str, str] | None:
+    """``(before, after)`` the user's message in the tokenizer's chat template, generation
+    prompt included; None when the tokenizer has no template (then plain text is used)."""
+    hit = _FRAMES.get(id(tok))
+    if hit is None or hit[0] is not tok:
+        frame = None
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": _SLOT}], add_generation_prompt=True,
+                                           tokenize=False)
+            before, after = text.split(_SLOT)
+            frame = (before, after)
+        hit = _FRAMES[id(tok)] = (tok, frame)
+    return hit[1]
+
+
+def causal_prompt(task: Any, ex: Example, tok: Any, budget: int) -> list[int]:
+    """Prompt ids for a decoder-only model, at most ``budget`` tokens.
+
+    The task's :class:`~fedmoe.data.tasks.PromptParts` go into the tokenizer's chat template
+    (user turn, then the assistant turn opened) when it has one, as plain text otherwise; the
+    answer cue (``Topic:`` / ``Answer:`` / ``Summary:``) follows either way. When the window is
+    short only the body (article / passage) is cut, from its end, so the instruction, the
+    question and the cue always survive; if even they do not fit, the prompt keeps its end.
+    """
+    parts = task.to_prompt(ex)
+    frame = chat_frame(tok)
+    before, after = frame or ("", "\n")
+    head = _ids(tok, before + parts.head)
+    tail = _ids(tok, parts.tail + after + parts.cue)
+    room = budget - len(head) - len(tail)
+    if room >= 0:
+        return head + _ids(tok, parts.body)[:room] + tail
+    return (head + tail)[-budget:] if budget > 0 else []
 
 
 def _mask(rows: list[list[int]]) -> torch.Tensor:
@@ -103,7 +143,7 @@ def _collate_encoder(task: Any, examples: Sequence[Example], tok: Any, max_len: 
                   max_length=max_len, padding=True, return_tensors="pt")
         return {**dict(enc), "task": "tc", "labels": torch.tensor([ex.label for ex in examples])}
     if name == "rc":
-        qs = [ex.question for ex in examples if isinstance(ex, RCExample)]
+        qs = [_cap(tok, ex.question, max_len // 2) for ex in examples if isinstance(ex, RCExample)]
         cs = [ex.context for ex in examples if isinstance(ex, RCExample)]
         enc = tok(qs, cs, truncation="only_second", max_length=max_len, padding=True,
                   return_offsets_mapping=True, return_tensors="pt")
@@ -147,6 +187,13 @@ def _collate_encoder(task: Any, examples: Sequence[Example], tok: Any, max_len: 
     pos_t = torch.tensor([p + [-1] * (n_s - len(p)) for p in positions], dtype=torch.long)
     return {"input_ids": _pad(rows, tok.pad_token_id), "attention_mask": _mask(rows), "task": "ts",
             "sentence_positions": pos_t, "labels": torch.tensor(targets), "sentences": sents_all}
+
+
+def _cap(tok: Any, text: str, n: int) -> str:
+    """``text`` cut to its first ``n`` tokens (a question longer than half the window would
+    leave no room for the context under ``only_second`` truncation)."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text if len(enc["input_ids"]) <= n else text[: enc["offset_mapping"][n - 1][1]]
 
 
 def iterate_batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:

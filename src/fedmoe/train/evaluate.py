@@ -16,7 +16,7 @@ from torch import nn
 
 from fedmoe.config import DataConfig
 from fedmoe.data.examples import TCExample
-from fedmoe.train.batching import IGNORE, _ids, collate, model_inputs, text2text
+from fedmoe.train.batching import IGNORE, _ids, causal_prompt, collate, model_inputs, text2text
 from fedmoe.train.loop import forward_context, sequence_logprob
 
 MAX_SPAN = 30
@@ -86,8 +86,8 @@ def _generate(model, kind, task, chunk, tok, data_cfg, device) -> list[str]:
     prompts = []
     for ex in chunk:
         src, _ = text2text(task, ex)
-        budget = data_cfg.max_seq_len - (data_cfg.max_target_len if kind == "causal" else 1)
-        prompts.append(_ids(tok, src)[: max(1, budget)])
+        budget = max(1, data_cfg.max_seq_len - (data_cfg.max_target_len if kind == "causal" else 1))
+        prompts.append(causal_prompt(task, ex, tok, budget) if kind == "causal" else _ids(tok, src)[:budget])
     n = max(len(p) for p in prompts)
     if kind == "causal":  # left padding for decoder-only generation
         ids = torch.tensor([[pad] * (n - len(p)) + p for p in prompts])
@@ -117,3 +117,17 @@ def evaluate(model: nn.Module, kind: str, task: Any, examples: list, tok: Any, d
     preds = predict(model, kind, task, examples, tok, data_cfg, device, batch_size)
     refs = [task.reference(ex) for ex in examples]
     return task.score(preds, refs)
+
+
+def evaluate_with_predictions(model: nn.Module, kind: str, task: Any, examples: list, tok: Any, data_cfg: DataConfig,
+                              device: torch.device, batch_size: int = 32) -> tuple[dict[str, float], list[dict]]:
+    """:func:`evaluate` plus one row per example: ``id``, ``task``, ``prediction``,
+    ``reference`` and ``score`` (the task's metrics on that example alone; every metric is a
+    mean over examples, so the rows' mean is the returned score)."""
+    if not examples:
+        return {}, []
+    preds = predict(model, kind, task, examples, tok, data_cfg, device, batch_size)
+    refs = [task.reference(ex) for ex in examples]
+    rows = [{"id": ex.id, "task": task.name, "prediction": p, "reference": list(r) if isinstance(r, tuple) else r,
+             "score": task.score([p], [r])} for ex, p, r in zip(examples, preds, refs, strict=True)]
+    return task.score(preds, refs), rows

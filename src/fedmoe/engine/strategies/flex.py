@@ -82,9 +82,10 @@ def attention_lora(model: nn.Module, r: int, alpha: int, dropout: float, family:
     """LoRA on the attention projections only; task heads trainable; everything else (experts, routers) frozen."""
     attn = "|".join(re.escape(n) for n in family.attention_modules)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=rf".*\.({attn})$", bias="none")
+    routers = {id(p) for b in family.blocks(model) for p in family.router(model.get_submodule(b.path)).parameters()}
     pm = get_peft_model(model, cfg)
-    for name, p in pm.base_model.model.named_parameters():
-        if any(f"{h}." in name or name.startswith(h) for h in HEAD_PATTERNS):
+    for name, p in pm.base_model.model.named_parameters():  # Switch's router is `router.classifier`: not a head
+        if id(p) not in routers and any(f"{h}." in name or name.startswith(h) for h in HEAD_PATTERNS):
             p.requires_grad_(True)
     return pm
 
