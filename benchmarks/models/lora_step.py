@@ -70,8 +70,11 @@ def _dense_lora(model: nn.Module, targets: list[str], heads: tuple[str, ...] = (
 
 
 class Variant:
-    def __init__(self, name: str, model: nn.Module, kind: str, batch: dict, moe: bool) -> None:
-        self.name, self.model, self.kind, self.batch = name, model.train(), kind, batch
+    def __init__(self, name: str, model: nn.Module, kind: str, batch: dict, moe: bool,
+                 device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        self.name, self.model, self.kind = name, model.to(self.device).train(), kind
+        self.batch = {k: v.to(self.device) for k, v in batch.items()}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
         self.balance = LoadBalance(model, family_of(model.base_model.model)) if moe else None
@@ -79,7 +82,7 @@ class Variant:
 
     def step(self) -> float:
         t = time.perf_counter()
-        with forward_context(torch.device("cpu")):
+        with forward_context(self.device):
             if self.kind == "tc-dense":
                 logits = self.model(self.batch["input_ids"], self.batch["attention_mask"])
                 loss = nn.functional.cross_entropy(logits, self.batch["labels"])
@@ -95,6 +98,8 @@ class Variant:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
 
