@@ -2,6 +2,21 @@
 
 Implements FedMoE (Mei et al. 2024), HFedMoE, FLEx and the baselines FedAvg, FedProx,
 SCAFFOLD and randomMoE on native Hugging Face MoE classes.
+
+Process policy (set here, before ``torch`` is imported, only where the environment does not
+already set it; see docs/results.md, "Thread and allocator policy"):
+
+* ``THP_MEM_ALLOC_ENABLE=1``: torch's CPU allocator backs tensors ≥ 2 MB with transparent huge
+  pages, so fresh tensors (sub-MoE extraction, aggregation results, clones) are not paid for
+  one 4 kB page fault at a time;
+* ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep instead of spinning, so processes that
+  share cores (simulated clients, Flower processes, other jobs) do not steal each other's time.
+  Choose the intra-op thread count with ``OMP_NUM_THREADS`` (cores ÷ processes on one machine).
 """
+
+import os as _os
+
+for _key, _value in (("THP_MEM_ALLOC_ENABLE", "1"), ("OMP_WAIT_POLICY", "PASSIVE")):
+    _os.environ.setdefault(_key, _value)
 
 __version__ = "0.1.0"

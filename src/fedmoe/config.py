@@ -169,6 +169,9 @@ class EngineConfig:
     name: str = "inprocess"
     #: measure the peak memory of each client's local step
     measure_memory: bool = True
+    #: dtype of the floating tensors that travel each round (adapters, router rows, heads):
+    #: "fp32", or "bf16"/"fp16" (half the bytes; received tensors are cast back to fp32)
+    wire_dtype: str = "fp32"
     #: device: "auto" (CUDA when present), "cpu" or "cuda"
     device: str = "auto"
     #: write a server checkpoint every N rounds (0 = never); `fedmoe run --resume DIR`
@@ -316,6 +319,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.finetune": ("lora", "full"),
     "engine.name": ("inprocess", "flower-sim"),
     "engine.device": ("auto", "cpu", "cuda"),
+    "engine.wire_dtype": ("fp32", "bf16", "fp16"),
 }
 # key → (low, high, inclusive-low); values must lie in the range
 _RANGES: dict[str, tuple[float, float, bool]] = {

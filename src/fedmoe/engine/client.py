@@ -16,7 +16,7 @@ import torch
 from fedmoe.data.settings import ClientData
 from fedmoe.engine.faults import Deadline, InjectedFault, corrupt_upload
 from fedmoe.engine.node_plans import ClientStore, NodeTurn, SlotStore, build_node_plan
-from fedmoe.engine.payload import from_bytes, to_bytes
+from fedmoe.engine.payload import from_bytes, from_wire, to_bytes, to_wire
 from fedmoe.engine.protocols import ClientContext
 from fedmoe.engine.trainables import Trainables
 from fedmoe.moe.routing import RoutingStats
@@ -94,7 +94,7 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
 
     def work():
         model = trainables.wrap(sub).to(ctx.device)
-        state = from_bytes(download)
+        state = from_wire(from_bytes(download), ctx.cfg.engine.wire_dtype)
         trainables.load(model, state)
         extra_down = from_bytes(extra_bytes)
         hooks: LocalHooks = plan.hooks(extra_down) if plan.hooks else LocalHooks()
@@ -123,7 +123,7 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
     state = {k: v.cpu() for k, v in trainables.upload_state(model, client.task).items()}
     if fault:
         state = corrupt_upload(state, fault)
-    upload = to_bytes(state)
+    upload = to_bytes(to_wire(state, ctx.cfg.engine.wire_dtype))
     extra_up_bytes = to_bytes(extra_up or {})
     reply = ClientReply(upload, res.loss, main_metric(task, scores), p, res.steps, int(peak),
                         extra=from_bytes(extra_up_bytes), extra_down_bytes=len(extra_bytes))

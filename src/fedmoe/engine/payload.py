@@ -126,3 +126,23 @@ def save_tensors_file(tensors: dict[str, torch.Tensor], path: str | Path) -> Non
 def load_tensors_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a file written by :func:`save_tensors_file` (or any safetensors file)."""
     return from_bytes(Path(path).read_bytes())
+
+
+#: ``engine.wire_dtype`` → the dtype floating tensors travel in
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def to_wire(tensors: dict[str, torch.Tensor], wire_dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """Cast float32 tensors to ``wire_dtype`` for sending (other dtypes travel unchanged)."""
+    dtype = WIRE_DTYPES[wire_dtype]
+    if dtype == torch.float32:
+        return tensors
+    return {k: v.detach().to(dtype) if v.dtype == torch.float32 else v for k, v in tensors.items()}
+
+
+def from_wire(tensors: dict[str, torch.Tensor], wire_dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """Cast received ``wire_dtype`` tensors back to float32 (exactly: every bf16/fp16 value is an fp32)."""
+    dtype = WIRE_DTYPES[wire_dtype]
+    if dtype == torch.float32:
+        return tensors
+    return {k: v.float() if v.dtype == dtype else v for k, v in tensors.items()}

@@ -23,7 +23,7 @@ from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from fedmoe.engine.client import ClientContext, ClientPlan, evaluate_client, run_client
 from fedmoe.engine.faults import Deadline, check_upload, expected_upload, parse_faults
 from fedmoe.engine.fingerprint import model_fingerprint
-from fedmoe.engine.payload import from_bytes, payload_size, save_tensors_file, to_bytes
+from fedmoe.engine.payload import from_bytes, from_wire, payload_size, save_tensors_file, to_bytes, to_wire
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.strategies import get_strategy
 from fedmoe.engine.strategies.base import RoundPlan
@@ -107,7 +107,8 @@ class Run:
         base_bytes = self._base_bytes(cid, kept)
         trainables = self.strategy.client_trainables(self, cid, rnd)
         template = trainables.wrap(extract(self.base, kept, self.family))
-        download = to_bytes(trainables.for_client(template, sub.expert_map, client.task))
+        wire = self.cfg.engine.wire_dtype
+        download = to_bytes(to_wire(trainables.for_client(template, sub.expert_map, client.task), wire))
         seed = self.cfg.seed * 100_003 + rnd * 1_009 + cid
         cplan = self.strategy.client_plan(self, cid, kept)
         setup = cplan or ClientPlan()
@@ -123,7 +124,7 @@ class Run:
                                       Deadline(self.cfg.engine.client_timeout_s), self.faults.get((rnd, cid)))
             record.bytes_down += reply.extra_down_bytes
             record.bytes_up += len(reply.upload) + reply.extra_up_bytes  # a rejected reply still crossed
-            upload = from_bytes(reply.upload)
+            upload = from_wire(from_bytes(reply.upload), wire)
             check_upload(expected_upload(trainables.upload_state(template, client.task)), upload, reply.loss)
             update = trainables.to_update(cid, len(client.train), model, sub.expert_map, upload, client.task)
         except Exception as exc:  # noqa: BLE001 — any client failure rejects this reply only

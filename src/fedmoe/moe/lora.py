@@ -9,6 +9,7 @@ heads; the pretrained base weights stay frozen.
   e in rows ``e·r … e·r+r−1``; ``lora_B`` is ``[out, r·E]`` with expert e in columns
   ``e, e+E, …, e+(r−1)·E`` (peft reshapes B as ``(out, r, E)``). Expert slices of the
   adapters are described with those indices, so sub-MoE adapters extract/merge exactly.
+  The experts' forward applies these adapters unmerged (:mod:`fedmoe.moe.expert_lora`).
 * per-module experts (SwitchTransformers): ordinary LoRA on each expert's ``wi``/``wo``.
 
 Keys of the trainable state drop peft's ``base_model.model.`` prefix, so the server's
@@ -25,6 +26,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from fedmoe.core.layout import TensorSlice, UnitLayout
+from fedmoe.moe.expert_lora import use_unmerged_expert_lora
 from fedmoe.moe.families import MoEFamily, family_of
 from fedmoe.moe.slicing import ExpertMap
 
@@ -53,10 +55,19 @@ def _is_matrix(model: nn.Module, family: MoEFamily, name: str) -> bool:
     return getattr(block.experts, name).dim() == 3
 
 
-def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0, family: MoEFamily | None = None):
-    """Wrap ``model`` with LoRA; make router weights (rows of kept experts) and task heads trainable."""
+def apply_lora(
+    model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0, family: MoEFamily | None = None,
+    unmerged_experts: bool = True,
+):
+    """Wrap ``model`` with LoRA; make router weights (rows of kept experts) and task heads trainable.
+
+    ``unmerged_experts``: compute fused-expert LoRA on the activations
+    (:mod:`fedmoe.moe.expert_lora`) instead of through peft's merged weight; same tensors.
+    """
     family = family or family_of(model)
     pm = get_peft_model(model, lora_config(family, model, r, alpha, dropout))
+    if unmerged_experts and family.fused:
+        use_unmerged_expert_lora(pm)
     base = pm.base_model.model
     for info in family.blocks(base):
         router = family.router(base.get_submodule(info.path))

@@ -64,9 +64,11 @@ logits, loss       once, ``V·(a + 4·logits)`` (returned logits, log-softmax), 
 
 plus the **backward working set** at the peak, the largest of: the loss gradients
 ``4·loss_grads·V`` per output token (log-softmax and logits gradients), one materialised
-attention's score gradients, one MoE layer's expert-activation gradients. And, under LoRA on
-fused experts, the merged weight ``W + B·A`` that peft's ``ParamWrapper`` materialises and the
-grouped GEMM keeps for backward: ``lora_merge · W_expert`` per kept expert.
+attention's score gradients, one MoE layer's expert-activation gradients. LoRA on fused
+experts is computed unmerged (:mod:`fedmoe.moe.expert_lora`): no merged weight ``W + B·A`` is
+kept (``lora_merge · W_expert`` per kept expert applied only to peft's merged path, which
+:func:`fedmoe.moe.lora.apply_lora` no longer takes); each adapted expert matrix keeps its
+``r``-wide ``lora_A`` output per routed token, as per-module experts do.
 
 The loss terms depend on the loss implementation: :data:`HF_LOSS` is ``transformers``' own
 cross-entropy (``out.loss``); :data:`SMOOTHED_CE_LOSS` is the project's client loop

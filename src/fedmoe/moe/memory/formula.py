@@ -225,9 +225,8 @@ def _lora_targets(model: nn.Module, family: MoEFamily) -> tuple[int, int, dict[t
                 n = merged = 0
                 for tname in family.fused_expert_tensors:
                     t = getattr(block.experts, tname)
-                    if t.dim() == 3:
+                    if t.dim() == 3:  # unmerged expert LoRA (fedmoe.moe.expert_lora): no merged weight
                         n += t.shape[1] + t.shape[2]
-                        merged += t.shape[1] * t.shape[2] * t.element_size()
             else:
                 sub = block.experts.get_submodule(family.per_expert_module.format(j=j))
                 n = sum(m.in_features + m.out_features for nm, m in sub.named_modules()
@@ -309,7 +308,7 @@ def _unit_costs(
         dense.adapters = mm.adapter_cost(mm.lora_r * attn_elems)
         trained_elems += mm.lora_r * attn_elems
     per_layer_attn = attn_count / max(1, len(mm.shape.layers)) if lora else 0.0
-    per_module_lora = 0.0 if family.fused else 2.0  # LoRA on wi and wo of per-module experts
+    per_module_lora = 2.0  # LoRA on the two expert matrices (wi/wo, or fused, computed unmerged)
     terms = mm.activation_terms(per_layer_attn, per_module_lora)
     dense.activations = sum(terms.values())
 
