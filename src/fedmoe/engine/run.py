@@ -271,6 +271,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = N
     run = Run(cfg, out, progress)
     start = 0
     ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        from fedmoe.engine.checkpoint import CheckpointError
+
+        raise CheckpointError(f"Run directory {out} has no checkpoint to resume from.",
+                              f"start it again: `fedmoe run {out / 'config.toml'} --out {out} --overwrite`.")
     if ckpt is not None:
         start = load_checkpoint(run, ckpt) + 1
     (out / "rounds.jsonl").write_text("".join(json.dumps(rr.to_json()) + "\n" for rr in run.rounds))
