@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -338,7 +339,20 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "data.test_fraction": (0.0, 1.0, False),
     "engine.client_timeout_s": (0.0, float("inf"), True),
     "engine.max_empty_rounds": (0, float("inf"), True),
-}
+    "seed": (0, 2**32 - 1, True), "train.weight_decay": (0.0, float("inf"), True),
+    "train.max_local_steps": (0, float("inf"), True), "train.warmup_ratio": (0.0, 1.0, True),
+    "train.grad_clip": (0.0, float("inf"), True), "train.load_balance_coef": (0.0, float("inf"), True),
+    "train.lora_alpha": (1, float("inf"), True), "train.lora_dropout": (0.0, 0.99, True),
+    "train.eval_batch_size": (1, float("inf"), True), "fedmoe.theta_tol": (0.0, 1.0, False),
+    "data.max_examples_per_task": (0, float("inf"), True), "data.max_target_len": (1, float("inf"), True),
+    "setting.num_clusters": (1, float("inf"), True), "setting.budget_high": (0.0, float("inf"), False),
+    "baseline.num_experts": (-1, float("inf"), True), "baseline.fedprox_mu": (0.0, float("inf"), True),
+    "baseline.scaffold_server_lr": (0.0, float("inf"), False), "hfedmoe.lam": (0.0, 1.0, True),
+    "hfedmoe.beta": (0.0, float("inf"), True), "hfedmoe.tau": (-float("inf"), 1.0, False),
+    "hfedmoe.alpha": (0.0, float("inf"), False), "hfedmoe.max_score_examples": (0, float("inf"), True),
+    "flex.gate_bias": (-float("inf"), float("inf"), False), "flex.max_choice_examples": (0, float("inf"), True),
+    "engine.checkpoint_every": (0, float("inf"), True),
+}  # every int/float key has a range (a test checks); every float must also be finite
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -357,7 +371,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(f"`{key}` = {value!r} is not one of {list(choices)}.", fix)
     for key, (lo, hi, inclusive) in _RANGES.items():
         v = _get(cfg, key)
-        if not ((v >= lo if inclusive else v > lo) and v <= hi):
+        if not (math.isfinite(v) and (v >= lo if inclusive else v > lo) and v <= hi):
             bound = f"{'>=' if inclusive else '>'} {lo}" + (f" and <= {hi}" if hi != float("inf") else "")
             raise ConfigError(f"`{key}` = {v!r} is out of range.", f"use a value {bound}.")
     if cfg.setting.budget_high < cfg.setting.budget_low:
