@@ -178,8 +178,11 @@ class EngineConfig:
     #: stop the run (clear message, rounds.jsonl and checkpoint kept) after this many consecutive
     #: rounds in which no client reply survived; 0 = never stop (the global model stays unchanged)
     max_empty_rounds: int = 3
-    #: tests and drills only: "ROUND:CLIENT[:KIND],…" client turns that misbehave
-    #: (KIND: raise | timeout | nan | inf | shape | extra_expert; default raise)
+    #: reject a client update whose L2 norm ‖uploaded − sent‖ over its trainable tensors exceeds
+    #: this (0 = no bound)
+    max_update_norm: float = 0.0
+    #: tests and drills only: "ROUND:CLIENT[:KIND],…" client turns that misbehave (KIND: see
+    #: fedmoe.engine.faults.FAULT_KINDS; default raise)
     inject_faults: str = ""
 
 
@@ -351,7 +354,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "hfedmoe.beta": (0.0, float("inf"), True), "hfedmoe.tau": (-float("inf"), 1.0, False),
     "hfedmoe.alpha": (0.0, float("inf"), False), "hfedmoe.max_score_examples": (0, float("inf"), True),
     "flex.gate_bias": (-float("inf"), float("inf"), False), "flex.max_choice_examples": (0, float("inf"), True),
-    "engine.checkpoint_every": (0, float("inf"), True),
+    "engine.checkpoint_every": (0, float("inf"), True), "engine.max_update_norm": (0.0, float("inf"), True),
 }  # every int/float key has a range (a test checks); every float must also be finite
 
 

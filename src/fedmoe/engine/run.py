@@ -20,7 +20,14 @@ from fedmoe.data.settings import build_federation
 from fedmoe.engine.budget import MemoryPlan, plan_memory
 from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedmoe.engine.client import ClientContext, ClientPlan, evaluate_client, run_client
-from fedmoe.engine.faults import Deadline, check_upload, expected_upload, parse_faults
+from fedmoe.engine.faults import (
+    Deadline,
+    check_reply,
+    check_update_norm,
+    check_upload,
+    expected_upload,
+    parse_faults,
+)
 from fedmoe.engine.fingerprint import model_fingerprint
 from fedmoe.engine.payload import from_bytes, to_bytes
 from fedmoe.engine.records import ClientRecord, RoundRecord
@@ -102,7 +109,8 @@ class Run:
         base_bytes = self._base_bytes(cid, kept)
         trainables = self.strategy.client_trainables(self, cid, rnd)
         template = trainables.wrap(extract(self.base, kept, self.family))
-        download = to_bytes(trainables.for_client(template, sub.expert_map, client.task))
+        sent = trainables.for_client(template, sub.expert_map, client.task)
+        download = to_bytes(sent)
         seed = self.cfg.seed * 100_003 + rnd * 1_009 + cid
         cplan = self.strategy.client_plan(self, cid, kept)
         setup = cplan or ClientPlan()
@@ -120,6 +128,8 @@ class Run:
             record.bytes_up += len(reply.upload) + reply.extra_up_bytes  # a rejected reply still crossed
             upload = from_bytes(reply.upload)
             check_upload(expected_upload(trainables.upload_state(template, client.task)), upload, reply.loss)
+            check_reply(reply, (len(kept), max(sub.expert_map.global_num_experts)), setup.extra_down)
+            check_update_norm(upload, sent, self.cfg.engine.max_update_norm)
             update = trainables.to_update(cid, len(client.train), model, sub.expert_map, upload, client.task)
         except Exception as exc:  # noqa: BLE001 — any client failure rejects this reply only
             record.error = _reason(exc)
