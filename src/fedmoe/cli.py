@@ -129,14 +129,14 @@ def run(
     from fedmoe.errors import ConfigError
     from fedmoe.outdir import INCOMPLETE, after_failure, check_resume_dir, prepare_out
 
+    if resume is not None and engine not in (None, "inprocess"):
+        raise ConfigError(f"`--resume` continues in-process runs only (got --engine {engine}).",
+                          "resume with --engine inprocess, or start the run again.")
     if resume is not None:
         out, config = resume, resume / "config.toml"
         check_resume_dir(resume)
     if config is None:
         raise ConfigError("No config file given.", "run `fedmoe run CONFIG.toml` or `fedmoe run --resume RUN_DIR`.")
-    if resume is not None and engine not in (None, "inprocess"):
-        raise ConfigError(f"`--resume` continues in-process runs only (got --engine {engine}).",
-                          "resume with --engine inprocess, or start the run again.")
     cfg = load_config(config, [*(set_ or []), *([f'engine.name="{engine}"'] if engine else [])])
     created = resume is None and prepare_out(out, overwrite)
     try:

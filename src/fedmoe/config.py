@@ -305,7 +305,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"Config file {p} does not exist.", "pass the path of a TOML file, e.g. configs/quickstart.toml.")
         try:
             data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"Config file {p} is not valid TOML: {exc}.", "fix the syntax at that line.") from None
     for item in overrides or []:
         keys, value = parse_override(item)

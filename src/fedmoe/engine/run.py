@@ -278,9 +278,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    ckpt = latest_checkpoint(out) if resume else None  # a bad LATEST fails before anything loads
     run = Run(cfg, out, progress)
     start = 0
-    ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
         from fedmoe.engine.checkpoint import CheckpointError
 
