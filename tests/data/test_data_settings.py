@@ -146,6 +146,7 @@ def test_describe_table(
         and "GiB" not in out
         and "World, Sports, Business, Sci/Tech" in out
     )
+    assert "ts: 1 unusable records dropped (empty document or summary)" in " ".join(out.split())
 
 
 # cold caches: TD presets re-embed and cluster SQuAD and XSum (~5-10 s on 2 CPU cores) -> slow

@@ -42,7 +42,7 @@ def describe(cfg: ExperimentConfig, federation: Federation | None = None) -> Tab
     from fedmoe.data.source import DROPPED
 
     for task, (n, why) in sorted(DROPPED.items()):
-        if n and task in fed.group_names:
+        if n and task in cfg.data.tasks:
             caption += f"\n{task}: {n} unusable records dropped ({why})"
     table = Table(title=f"Federation: {len(fed.clients)} clients", caption=caption)
     for name, justify in [
