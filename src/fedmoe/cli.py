@@ -25,9 +25,12 @@ _USER_OS_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.E
                    errno.ENAMETOOLONG}
 
 
-def _one_line(text: str, limit: int = 600) -> str:
+def _one_line(text: object, limit: int = 600) -> str:
+    """``text`` on one line, at most ``limit`` characters, with rich markup escaped."""
+    from rich.markup import escape
+
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return escape(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
 def _handle(exc: BaseException) -> int:
@@ -38,10 +41,10 @@ def _handle(exc: BaseException) -> int:
         err.print("[bold red]interrupted[/]", highlight=False)
         return 130
     if isinstance(exc, FedMoEError):
-        err.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
         return 2
     if isinstance(exc, OSError) and exc.errno in _USER_OS_ERRORS:
-        where = f" ({exc.filename})" if exc.filename else ""
+        where = f" ({_one_line(exc.filename)})" if exc.filename else ""
         err.print(f"[bold red]error:[/] {_one_line(exc.strerror or exc)}{where}. Fix: free disk space or choose a "
                   "folder you can write (--out); a run that stopped keeps its last checkpoint for --resume.",
                   highlight=False, soft_wrap=True)

@@ -21,6 +21,7 @@ from fedmoe.errors import ConfigError
 _CACHE: dict[tuple[object, ...], tuple[Example, ...]] = {}
 #: task → (rows dropped by :func:`~fedmoe.data.loaders.screen`, why) of the latest load
 DROPPED: dict[str, tuple[int, str]] = {}
+_DROPPED_BY_KEY: dict[tuple[object, ...], tuple[int, str]] = {}
 
 
 def _signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
@@ -49,8 +50,9 @@ def load_examples(data: DataConfig, task: str) -> list[Example]:
         kept, dropped, why = screen(list(loaded), task, str(key[2]))
         if dropped:
             warnings.warn(f"{task}: dropped {dropped} of {len(kept) + dropped} records ({why}).", stacklevel=2)
-        DROPPED[task] = (dropped, why)
+        _DROPPED_BY_KEY[key] = (dropped, why)
         _CACHE[key] = tuple(kept)
+    DROPPED[task] = _DROPPED_BY_KEY.get(key, (0, ""))
     return list(_CACHE[key])
 
 
