@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/fedmoe run configs/quickstart.toml --set data.data_dir=$(DATA) --out runs/quickstart
+	$(BIN)/fedmoe run configs/quickstart.toml --set data.data_dir=$(DATA) --out runs/quickstart --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check src tests

@@ -23,7 +23,9 @@ from fedmoe.config import (
 from fedmoe.errors import ConfigError
 
 # keys checked by validate() beyond their type, or against each other: left to the exact tests
-_CONSTRAINED = set(_CHOICES) | set(_RANGES) | {"setting.budget_high", "engine.inject_faults"}
+# (numeric keys with a range are drawn inside it, see _draw)
+_CONSTRAINED = set(_CHOICES) | {"setting.budget_high", "setting.budget_low", "engine.inject_faults",
+                                "data.val_fraction", "data.test_fraction"}
 
 
 def _scalar_keys() -> dict[str, type]:
@@ -58,11 +60,22 @@ def _toml(value) -> str:
 @st.composite
 def overrides(draw):
     keys = draw(st.lists(st.sampled_from(sorted(SCALARS)), min_size=1, max_size=6, unique=True))
-    return {k: draw(_VALUES[SCALARS[k]]) for k in keys}
+    return {k: _draw(draw, k) for k in keys}
+
+
+def _draw(draw, key):
+    if key not in _RANGES:
+        return draw(_VALUES[SCALARS[key]])
+    lo, hi, inclusive = _RANGES[key]
+    lo, hi = max(lo, -1e9), min(hi, 1e9)
+    if SCALARS[key] is int:
+        return draw(st.integers(int(lo) + (0 if inclusive else 1), int(hi)))
+    return draw(st.floats(lo, hi, exclude_min=not inclusive, allow_nan=False, allow_infinity=False))
 
 
 def test_there_are_unconstrained_keys_of_every_type():
     assert {int, float, bool, str} <= set(SCALARS.values())
+    assert {k for k, tp in SCALARS.items() if tp in (int, float)} <= set(_RANGES)  # every number has a range
 
 
 @settings(max_examples=150, deadline=None)
@@ -136,3 +149,35 @@ def test_algorithm_choices_match_the_registry():
     from fedmoe.engine.strategies import STRATEGIES
 
     assert set(_CHOICES["algorithm"]) == set(STRATEGIES)
+
+
+def test_every_numeric_key_has_a_range_and_must_be_finite():
+    import typing
+
+    from fedmoe.config import _RANGES, ExperimentConfig, _valid_keys
+
+    hints: dict[str, typing.Any] = {}
+
+    def walk(cls, prefix=""):
+        for name, tp in typing.get_type_hints(cls).items():
+            if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+                walk(tp, f"{prefix}{name}.")
+            else:
+                hints[prefix + name] = tp
+
+    walk(ExperimentConfig)
+    numeric = {k for k, tp in hints.items() if tp in (int, float)}
+    assert numeric and numeric <= set(_valid_keys(ExperimentConfig))
+    assert numeric - set(_RANGES) == set()
+    for key in sorted(k for k in numeric if hints[k] is float):
+        for bad in ("inf", "nan", "-inf"):
+            with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+                load_config(None, [f"{key}={bad}"])
+
+
+@pytest.mark.parametrize("override", ["engine.checkpoint_every=-1", "train.grad_clip=-1", "train.warmup_ratio=5",
+                                      "train.eval_batch_size=0", "data.max_target_len=0", "seed=-3",
+                                      "hfedmoe.lam=2", "baseline.num_experts=-2"])
+def test_out_of_range_values_are_refused(override):
+    with pytest.raises(ConfigError, match="out of range"):
+        load_config(None, [override])

@@ -1,13 +1,15 @@
-"""``fedmoe`` command line: ``run``, ``inspect``, ``data describe``.
+"""``fedmoe`` command line: ``run``, ``inspect``, ``data describe``, ``report``.
 
-User mistakes (:class:`~fedmoe.errors.FedMoEError`) print one line and exit with code 2;
-``--debug`` shows the traceback instead.
+One error policy for every command (:func:`_handle`): user mistakes
+(:class:`~fedmoe.errors.FedMoEError`, and the disk or permission errors of the folders the user
+chose) print one line — what, where, how to fix — and exit 2; anything else is an internal
+error: one line and exit 1. ``--debug`` adds the traceback (never with local variables).
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,9 +19,56 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmoe.algorithms import ALGORITHM_NAMES
-from fedmoe.errors import FedMoEError, RunStopped
+from fedmoe.errors import FedMoEError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Personalised federated fine-tuning of MoE LMs.")
+#: OS errors that are the user's to fix (a full disk, a folder they may not write): exit 2
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+                   errno.ENAMETOOLONG}
+
+
+def _one_line(text: object, limit: int = 600) -> str:
+    """``text`` on one line, at most ``limit`` characters, with rich markup escaped."""
+    from rich.markup import escape
+
+    text = " ".join(str(text).split())
+    return escape(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _handle(exc: BaseException) -> int:
+    """Print ``exc`` as one line (plus the traceback with ``--debug``); returns the exit code."""
+    if DEBUG["on"]:
+        err.print_exception(show_locals=False)
+    if isinstance(exc, KeyboardInterrupt):
+        err.print("[bold red]interrupted[/]", highlight=False)
+        return 130
+    if isinstance(exc, FedMoEError):
+        err.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
+        return 2
+    if isinstance(exc, OSError) and exc.errno in _USER_OS_ERRORS:
+        where = f" ({_one_line(exc.filename)})" if exc.filename else ""
+        err.print(f"[bold red]error:[/] {_one_line(exc.strerror or exc)}{where}. Fix: free disk space or choose a "
+                  "folder you can write (--out); a run that stopped keeps its last checkpoint for --resume.",
+                  highlight=False, soft_wrap=True)
+        return 2
+    err.print(f"[bold red]internal error:[/] {_one_line(f'{type(exc).__name__}: {exc}')} "
+              "(run with --debug for the traceback; please report it).", highlight=False, soft_wrap=True)
+    return 1
+
+
+class _App(typer.Typer):
+    """Typer app whose every command goes through :func:`_handle`."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 — the one top-level policy
+            sys.exit(_handle(exc))
+
+
+app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+           help="Personalised federated fine-tuning of MoE LMs.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data partitions.")
 app.add_typer(data_app, name="data")
 console = Console()
@@ -35,10 +84,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks fo
 
 
 def _fail(exc: FedMoEError) -> None:
-    if DEBUG["on"]:
-        raise exc
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(2)
+    raise exc  # :class:`_App` prints it
 
 
 def _mib(n: float) -> str:
@@ -82,26 +128,29 @@ def inspect(model: Annotated[str, typer.Argument(help="tiny-<family>, a preset, 
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment TOML file")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=_RUN_SET_HELP)] = None,
-    out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/latest"),
+    out: Annotated[Path, typer.Option("--out", help="output directory (new or empty)")] = Path("runs/latest"),
     resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory")] = None,
     engine: Annotated[str | None, typer.Option(
         "--engine", help="inprocess (default) or flower-sim (Flower's simulation engine; config key engine.name)",
     )] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the earlier run in --out")] = False,
 ) -> None:
     """Run an experiment; writes config.toml, rounds.jsonl, summary.json, expert_map.json."""
     from fedmoe.config import load_config
     from fedmoe.errors import ConfigError
+    from fedmoe.outdir import INCOMPLETE, after_failure, check_resume_dir, prepare_out
 
+    if resume is not None and engine not in (None, "inprocess"):
+        raise ConfigError(f"`--resume` continues in-process runs only (got --engine {engine}).",
+                          "resume with --engine inprocess, or start the run again.")
     if resume is not None:
         out, config = resume, resume / "config.toml"
-    created = not out.exists()
+        check_resume_dir(resume)
+    if config is None:
+        raise ConfigError("No config file given.", "run `fedmoe run CONFIG.toml` or `fedmoe run --resume RUN_DIR`.")
+    cfg = load_config(config, [*(set_ or []), *([f'engine.name="{engine}"'] if engine else [])])
+    created = resume is None and prepare_out(out, overwrite)
     try:
-        if config is None:
-            raise ConfigError("No config file given.", "run `fedmoe run CONFIG.toml` or `fedmoe run --resume RUN_DIR`.")
-        if resume is not None and engine not in (None, "inprocess"):
-            raise ConfigError(f"`--resume` continues in-process runs only (got --engine {engine}).",
-                              "resume with --engine inprocess, or start the run again.")
-        cfg = load_config(config, [*(set_ or []), *([f'engine.name="{engine}"'] if engine else [])])
         if cfg.engine.name == "flower-sim":
             from fedmoe.flower.simulation import run_flower_simulation
 
@@ -110,12 +159,10 @@ def run(
             from fedmoe.engine.run import run_experiment
 
             summary = _with_progress(lambda progress: run_experiment(cfg, out, progress, resume=resume is not None))
-    except FedMoEError as exc:
-        if created and out.exists() and not isinstance(exc, RunStopped):
-            shutil.rmtree(out)  # leave nothing that could be mistaken for a result (a stopped run has
-            # no summary.json and keeps rounds.jsonl + its checkpoint for `--resume`)
-        _fail(exc)
-        return
+    except BaseException as exc:
+        after_failure(out, created, exc)
+        raise
+    (out / INCOMPLETE).unlink(missing_ok=True)
     table = Table(title="final scores (clients' test splits)")
     table.add_column("task")
     table.add_column("scores")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -181,8 +182,11 @@ class EngineConfig:
     #: stop the run (clear message, rounds.jsonl and checkpoint kept) after this many consecutive
     #: rounds in which no client reply survived; 0 = never stop (the global model stays unchanged)
     max_empty_rounds: int = 3
-    #: tests and drills only: "ROUND:CLIENT[:KIND],…" client turns that misbehave
-    #: (KIND: raise | timeout | nan | inf | shape | extra_expert; default raise)
+    #: reject a client update whose L2 norm ‖uploaded − sent‖ over its trainable tensors exceeds
+    #: this (0 = no bound)
+    max_update_norm: float = 0.0
+    #: tests and drills only: "ROUND:CLIENT[:KIND],…" client turns that misbehave (KIND: see
+    #: fedmoe.engine.faults.FAULT_KINDS; default raise)
     inject_faults: str = ""
 
 
@@ -305,7 +309,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"Config file {p} does not exist.", "pass the path of a TOML file, e.g. configs/quickstart.toml.")
         try:
             data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"Config file {p} is not valid TOML: {exc}.", "fix the syntax at that line.") from None
     for item in overrides or []:
         keys, value = parse_override(item)
@@ -342,7 +346,20 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "data.test_fraction": (0.0, 1.0, False),
     "engine.client_timeout_s": (0.0, float("inf"), True),
     "engine.max_empty_rounds": (0, float("inf"), True),
-}
+    "seed": (0, 2**32 - 1, True), "train.weight_decay": (0.0, float("inf"), True),
+    "train.max_local_steps": (0, float("inf"), True), "train.warmup_ratio": (0.0, 1.0, True),
+    "train.grad_clip": (0.0, float("inf"), True), "train.load_balance_coef": (0.0, float("inf"), True),
+    "train.lora_alpha": (1, float("inf"), True), "train.lora_dropout": (0.0, 0.99, True),
+    "train.eval_batch_size": (1, float("inf"), True), "fedmoe.theta_tol": (0.0, 1.0, False),
+    "data.max_examples_per_task": (0, float("inf"), True), "data.max_target_len": (1, float("inf"), True),
+    "setting.num_clusters": (1, float("inf"), True), "setting.budget_high": (0.0, float("inf"), False),
+    "baseline.num_experts": (-1, float("inf"), True), "baseline.fedprox_mu": (0.0, float("inf"), True),
+    "baseline.scaffold_server_lr": (0.0, float("inf"), False), "hfedmoe.lam": (0.0, 1.0, True),
+    "hfedmoe.beta": (0.0, float("inf"), True), "hfedmoe.tau": (-float("inf"), 1.0, False),
+    "hfedmoe.alpha": (0.0, float("inf"), False), "hfedmoe.max_score_examples": (0, float("inf"), True),
+    "flex.gate_bias": (-float("inf"), float("inf"), False), "flex.max_choice_examples": (0, float("inf"), True),
+    "engine.checkpoint_every": (0, float("inf"), True), "engine.max_update_norm": (0.0, float("inf"), True),
+}  # every int/float key has a range (a test checks); every float must also be finite
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -361,7 +378,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(f"`{key}` = {value!r} is not one of {list(choices)}.", fix)
     for key, (lo, hi, inclusive) in _RANGES.items():
         v = _get(cfg, key)
-        if not ((v >= lo if inclusive else v > lo) and v <= hi):
+        if not (math.isfinite(v) and (v >= lo if inclusive else v > lo) and v <= hi):
             bound = f"{'>=' if inclusive else '>'} {lo}" + (f" and <= {hi}" if hi != float("inf") else "")
             raise ConfigError(f"`{key}` = {v!r} is out of range.", f"use a value {bound}.")
     if cfg.setting.budget_high < cfg.setting.budget_low:

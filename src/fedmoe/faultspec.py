@@ -10,8 +10,11 @@ from fedmoe.errors import ConfigError
 
 #: injectable fault kinds: ``raise`` (the turn raises), ``timeout`` (the client hangs until its
 #: deadline), ``nan`` (an uploaded tensor holds NaN), ``inf`` (… +Inf), ``shape`` (an uploaded
-#: tensor has an extra row), ``extra_expert`` (a tensor for an expert the client was not given)
-FAULT_KINDS = ("raise", "timeout", "nan", "inf", "shape", "extra_expert")
+#: tensor has an extra row), ``extra_expert`` (a tensor for an expert the client was not given),
+#: ``bad_p`` (routing statistics hold NaN), ``bad_extra`` (an algorithm extra — SCAFFOLD's Δc,
+#: FLEx's e* — is NaN / out of range; without extras: a negative p), ``big_update`` (a finite
+#: update far larger than training makes: caught by ``engine.max_update_norm``)
+FAULT_KINDS = ("raise", "timeout", "nan", "inf", "shape", "extra_expert", "bad_p", "bad_extra", "big_update")
 
 
 def parse_faults(text: str, key: str = "engine.inject_faults") -> dict[tuple[int, int], str]:

@@ -196,3 +196,30 @@ def test_real_files_load(real_data: Path) -> None:
         "Business",
         "Sci/Tech",
     }
+
+
+def test_screen_drops_unusable_rows_and_counts_them(tmp_path: Path) -> None:
+    from fedmoe.data.examples import RCExample, TSExample
+    from fedmoe.data.loaders import screen
+
+    ctx = "The cat sat on the mat."
+    rows = [RCExample("a", "", ctx, "Who sat?", ("cat",), (4,)),  # span matches
+            RCExample("b", "", ctx, "Who sat?", ("dog",), (4,)),  # text not in the context there
+            RCExample("c", "", ctx, "Who sat?", ("cat",), (50,)),  # start past the context
+            RCExample("d", "", ctx, " ", ("cat",), (4,))]  # empty question
+    kept, dropped, why = screen(rows, "rc", "f.json")
+    assert [r.id for r in kept] == ["a"] and dropped == 3 and "answer_start" in why
+    ts = [TSExample("1", "doc", "sum"), TSExample("2", "  ", "sum"), TSExample("3", "doc", "")]
+    kept, dropped, _ = screen(ts, "ts", "x.jsonl")
+    assert [r.id for r in kept] == ["1"] and dropped == 2
+    with pytest.raises(DataError, match="all 2 TS records are unusable"):
+        screen(ts[1:], "ts", "x.jsonl")
+
+
+def test_real_files_unusable_rows(real_data: Path) -> None:
+    from fedmoe.data.loaders import load_local, screen
+
+    assert screen(load_local(real_data, "rc"), "rc", "rc")[1] == 0  # every first answer is at its answer_start
+    rows = load_local(real_data, "ts")
+    kept, dropped, _ = screen(rows, "ts", "ts")  # the shared XSum test split has one empty document
+    assert dropped == 1 and {r.id for r in rows} - {r.id for r in kept} == {"32556640"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -119,7 +120,7 @@ def _rounds(out):
 def test_every_fault_kind_is_rejected_and_the_run_finishes(shared_data, tmp_path, monkeypatch):
     # round 1 (stage 2, all six clients sampled): every client misbehaves, one kind each →
     # nothing is aggregated and the global model stays bit-identical; round 2 is clean.
-    faults = ",".join(f"1:{cid}:{kind}" for cid, kind in enumerate(FAULT_KINDS))
+    faults = ",".join(f"1:{cid}:{kind}" for cid, kind in enumerate(FAULT_KINDS[:6]))  # reply fields: below
     cfg = _cfg(shared_data, **{"engine.inject_faults": f'"{faults}"', "engine.client_timeout_s": 8,
                                "engine.max_empty_rounds": 2})
     states, aggregated = {}, {}
@@ -153,7 +154,7 @@ def test_every_fault_kind_is_rejected_and_the_run_finishes(shared_data, tmp_path
         # tiny-mixtral's experts are fused ([E, …] tensors): one expert more is a shape mismatch
         "extra_expert": "mlp.experts.base_layer.lora_A.default.weight` has shape [49, 32], expected [48, 32]",
     }
-    for cid, kind in enumerate(FAULT_KINDS):
+    for cid, kind in enumerate(FAULT_KINDS[:6]):
         assert reasons[kind] in r1[cid]["error"], (kind, r1[cid]["error"])
     for cid in (0, 1):  # raised / hung: nothing came back
         assert r1[cid]["bytes_up"] == 0 and r1[cid]["bytes_down"] > 0
@@ -183,3 +184,61 @@ def test_run_stops_after_max_empty_rounds_and_keeps_its_outputs(shared_data, tmp
     summary = run_experiment(_cfg(shared_data, **{"engine.inject_faults": f'"{faults}"',
                                                   "engine.max_empty_rounds": 0}), out)
     assert summary["rounds"] == 3 and summary["failed_client_turns"] == 12
+
+
+FIELD_REASONS = {
+    "bad_p": "routing statistics p are not probabilities",
+    "big_update": "exceeds engine.max_update_norm = 100",
+}
+
+
+@pytest.mark.parametrize(("algorithm", "bad_extra"), [
+    ("fedmoe", "routing statistics p are not probabilities"),  # no extras: a negative p
+    ("scaffold", "holds NaN/Inf values or is not floating point"),  # Δc with NaN
+])
+def test_reply_fields_and_update_norm_are_checked(shared_data, tmp_path, algorithm, bad_extra):
+    kinds = ["bad_p", "bad_extra", "big_update"]
+    faults = ",".join(f"1:{cid}:{kind}" for cid, kind in enumerate(kinds))
+    cfg = _cfg(shared_data, **{"engine.inject_faults": f'"{faults}"', "engine.max_update_norm": 100,
+                               "algorithm": algorithm, "fedmoe.rounds": 1 if algorithm == "fedmoe" else 2})
+    summary = run_experiment(cfg, tmp_path)
+    r1 = {c["client_id"]: c for c in _rounds(tmp_path)[1]["clients"]}
+    reasons = {**FIELD_REASONS, "bad_extra": bad_extra}
+    for cid, kind in enumerate(kinds):
+        if cid in r1:
+            assert reasons[kind] in r1[cid]["error"], (kind, r1[cid]["error"])
+    assert {cid for cid, c in r1.items() if c["error"]} == {c for c in range(3) if c in r1}
+    assert all(c["error"] == "" for cid, c in r1.items() if cid >= 3)
+    assert summary["failed_client_turns"] == len({c for c in range(3) if c in r1}) >= 2
+
+
+def test_check_reply_names_each_bad_field():
+    import numpy as np
+
+    from fedmoe.engine.client import ClientReply
+    from fedmoe.engine.faults import check_reply, check_update_norm
+
+    def reply(p=None, extra=None, score=0.5):
+        return ClientReply(b"", 0.1, score, np.full((2, 4), 0.25) if p is None else p, 3, 0, extra=extra)
+
+    c = {"w": torch.zeros(3)}
+    check_reply(reply(extra={"w": torch.ones(3)}), (2, 4), c)
+    check_reply(reply(extra={"choice": torch.tensor([0, 3])}), (2, 4), None)
+    bad = [
+        (reply(p=np.zeros((3, 4))), "shape [3, 4], expected [2, 4]"),
+        (reply(p=np.full((2, 4), -0.1)), "not probabilities"),
+        (reply(p=np.full((2, 4), 0.5)), "not probabilities"),  # layer sums 2
+        (reply(score=float("nan")), "score is nan"),
+        (reply(extra={"w": torch.ones(4)}), "extra `w` has shape [4], expected [3]"),
+        (reply(extra={"w": torch.tensor([1.0, float("inf"), 0.0])}), "extra `w` holds NaN/Inf"),
+        (reply(extra={"choice": torch.tensor([0, 4])}), "not one expert id per MoE layer"),
+        (reply(extra={"choice": torch.tensor([0.0, 1.0])}), "not one expert id per MoE layer"),
+    ]
+    for r, reason in bad:
+        with pytest.raises(ClientFault, match=re.escape(reason)):
+            check_reply(r, (2, 4), c)
+    assert check_update_norm({"a": torch.tensor([3.0, 4.0])}, {"a": torch.zeros(2)}, 5.0) == 5.0
+    with pytest.raises(ClientFault, match="update norm 5 exceeds"):
+        check_update_norm({"a": torch.tensor([3.0, 4.0])}, {"a": torch.zeros(2)}, 4.9)
+    with pytest.raises(ClientFault, match="update norm nan"):
+        check_update_norm({"a": torch.tensor([float("nan")])}, {"a": torch.zeros(1)}, 4.9)

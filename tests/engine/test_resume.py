@@ -72,8 +72,52 @@ def test_corrupt_checkpoint_is_rejected(tmp_path, shared_data):
     run_experiment(cfg, tmp_path / "r")
     ckpt = latest_checkpoint(tmp_path / "r")
     assert ckpt is not None
-    data = bytearray((ckpt / "state.pkl").read_bytes())
+    assert not list(ckpt.glob("*.pkl"))
+    data = bytearray((ckpt / "state.json").read_bytes())
     data[-5] ^= 0xFF
-    (ckpt / "state.pkl").write_bytes(bytes(data))
+    (ckpt / "state.json").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt"):
         run_experiment(cfg, tmp_path / "r", resume=True)
+    # a crafted checkpoint with a recomputed manifest: the state names a class outside fedmoe's
+    # allow-list (and a pickle beside it): refused, and nothing runs
+    import hashlib
+    import json as _json
+
+    marker = tmp_path / "pwned"
+    tree = _json.loads(bytes(data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:]))
+    tree["items"].append(["evil", {"__t": "dc", "cls": "subprocess:Popen", "f": {"args": ["touch", str(marker)]}}])
+    tree["ktup"].append(False)
+    (ckpt / "state.json").write_text(_json.dumps(tree))
+    (ckpt / "state.pkl").write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    man = _json.loads((ckpt / "manifest.json").read_text())
+    man["files"]["state.json"] = hashlib.sha256((ckpt / "state.json").read_bytes()).hexdigest()
+    (ckpt / "manifest.json").write_text(_json.dumps(man))
+    with pytest.raises(CheckpointError, match="not allowed"):
+        run_experiment(cfg, tmp_path / "r", resume=True)
+    assert not marker.exists()
+    # the old pickle format is refused outright, whatever its manifest says
+    man["files"] = {"trainable.safetensors": man["files"]["trainable.safetensors"],
+                    "state.pkl": hashlib.sha256((ckpt / "state.pkl").read_bytes()).hexdigest()}
+    man["format"] = 1
+    (ckpt / "manifest.json").write_text(_json.dumps(man))
+    with pytest.raises(CheckpointError, match="no pickle"):
+        run_experiment(cfg, tmp_path / "r", resume=True)
+    assert not marker.exists()
+
+
+def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path, shared_data):
+    from fedmoe.config import load_config
+    from fedmoe.engine.checkpoint import CheckpointError
+    from fedmoe.engine.run import run_experiment
+
+    sets = ARGS[:-3] + ["fedmoe.stage1_rounds=1", "fedmoe.rounds=0", "train.max_local_steps=1",
+                        "engine.measure_memory=false", f'data.data_dir="{shared_data}"']
+    run_experiment(load_config(REPO / "configs" / "tiny.toml", sets), tmp_path / "r")
+    changed = load_config(REPO / "configs" / "tiny.toml", [*sets, "setting.num_clients=8", "train.lr=0.5"])
+    with pytest.raises(CheckpointError, match=r"setting.num_clients: 6 → 8; train.lr: 0.001 → 0.5"):
+        run_experiment(changed, tmp_path / "r", resume=True)
+    more = load_config(REPO / "configs" / "tiny.toml", [*sets, "fedmoe.rounds=1"])  # allowed: more rounds
+    summary = run_experiment(more, tmp_path / "r", resume=True)
+    assert summary["rounds"] == 2
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        run_experiment(more, tmp_path / "empty", resume=True)

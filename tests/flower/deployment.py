@@ -42,8 +42,9 @@ class LocalFederation:
     """``num_nodes`` SuperNodes (``partition-id=i num-partitions=num_nodes``) on 127.0.0.1,
     or, with ``simulation``, a SuperLink running the simulation runtime."""
 
-    def __init__(self, root: Path, num_nodes: int = 2, simulation: bool = False) -> None:
+    def __init__(self, root: Path, num_nodes: int = 2, simulation: bool = False, node_config: str = "") -> None:
         self.root, self.num_nodes, self.simulation = root, num_nodes, simulation
+        self.node_config = node_config  # extra ``key=value`` pairs for every SuperNode
         self.home = root / "flwr-home"
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
@@ -68,7 +69,8 @@ class LocalFederation:
             for i in range(self.num_nodes):
                 self._spawn(f"supernode{i}", [
                     str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                    "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={self.num_nodes}",
+                    "--port", str(free_port()), "--node-config",
+                    f"partition-id={i} num-partitions={self.num_nodes} {self.node_config}".strip(),
                 ])
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "test"\n\n[superlink.test]\n'

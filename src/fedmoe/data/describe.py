@@ -39,6 +39,11 @@ def describe(cfg: ExperimentConfig, federation: Federation | None = None) -> Tab
     for task, names in fed.group_names.items():
         kind = "labels" if task == "tc" else "k-means clusters"
         caption += f"\n{task} histogram = counts of {kind} {', '.join(names)}"
+    from fedmoe.data.source import DROPPED
+
+    for task, (n, why) in sorted(DROPPED.items()):
+        if n and task in cfg.data.tasks:
+            caption += f"\n{task}: {n} unusable records dropped ({why})"
     table = Table(title=f"Federation: {len(fed.clients)} clients", caption=caption)
     for name, justify in [
         ("client", "right"),

@@ -221,3 +221,28 @@ _LOCAL = {"tc": load_ag_news, "rc": load_squad, "ts": load_xsum}
 def load_local(data_dir: str | Path, task: str) -> list[Example]:
     """Read one task's examples from ``<data_dir>/<ag_news|squad|xsum>``."""
     return list(_LOCAL[task](task_dir(data_dir, task)))
+
+
+def screen(examples: list[Example], task: str, where: str) -> tuple[list[Example], int, str]:
+    """Drop rows that would silently train on garbage; returns (kept, dropped, why).
+
+    RC: a question whose first answer (the training target) is not the context's text at its
+    ``answer_start``, or with an empty context/question, goes; TS: empty documents or summaries go. No row left is a :class:`DataError`.
+    """
+    kept: list[Example] = []
+    why = {"rc": "first answer not at its answer_start in the context, or empty context/question",
+           "ts": "empty document or summary"}.get(task, "")
+    for ex in examples:
+        if isinstance(ex, RCExample):
+            t, st = ex.answers[0], ex.answer_starts[0]  # the training target (all answers are scored)
+            if not (t.strip() and ex.context.strip() and ex.question.strip() and 0 <= st
+                    and ex.context[st:st + len(t)] == t):
+                continue
+        elif isinstance(ex, TSExample) and not (ex.document.strip() and ex.summary.strip()):
+            continue
+        kept.append(ex)
+    if examples and not kept:
+        raise DataError(f"{where}: all {len(examples)} {task.upper()} records are unusable ({why}).",
+                        "check that the files follow the official format (SQuAD answer_start is a character "
+                        "offset into the context).")
+    return kept, len(examples) - len(kept), why

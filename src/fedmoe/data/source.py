@@ -7,17 +7,21 @@ the hub name and split), so building several federations in one process reads ea
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from fedmoe.config import DataConfig
 from fedmoe.data.examples import Example
 from fedmoe.data.hub import DEFAULT_SPLITS, load_hub
-from fedmoe.data.loaders import load_local, task_dir
+from fedmoe.data.loaders import load_local, screen, task_dir
 from fedmoe.data.partition import rng_for
 from fedmoe.errors import ConfigError
 
 _CACHE: dict[tuple[object, ...], tuple[Example, ...]] = {}
+#: task → (rows dropped by :func:`~fedmoe.data.loaders.screen`, why) of the latest load
+DROPPED: dict[str, tuple[int, str]] = {}
+_DROPPED_BY_KEY: dict[tuple[object, ...], tuple[int, str]] = {}
 
 
 def _signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
@@ -43,7 +47,12 @@ def load_examples(data: DataConfig, task: str) -> list[Example]:
         loaded = (
             load_local(data.data_dir, task) if key[0] == "local" else load_hub(task, str(key[2]), str(key[3]))
         )
-        _CACHE[key] = tuple(loaded)
+        kept, dropped, why = screen(list(loaded), task, str(key[2]))
+        if dropped:
+            warnings.warn(f"{task}: dropped {dropped} of {len(kept) + dropped} records ({why}).", stacklevel=2)
+        _DROPPED_BY_KEY[key] = (dropped, why)
+        _CACHE[key] = tuple(kept)
+    DROPPED[task] = _DROPPED_BY_KEY.get(key, (0, ""))
     return list(_CACHE[key])
 
 

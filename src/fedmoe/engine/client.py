@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fedmoe.data.settings import ClientData
-from fedmoe.engine.faults import Deadline, InjectedFault, corrupt_upload
+from fedmoe.engine.faults import Deadline, InjectedFault, corrupt_fields, corrupt_upload
 from fedmoe.engine.node_plans import ClientStore, NodeTurn, SlotStore, build_node_plan
 from fedmoe.engine.payload import from_bytes, from_wire, to_bytes, to_wire
 from fedmoe.engine.protocols import ClientContext
@@ -123,6 +123,8 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
     state = {k: v.cpu() for k, v in trainables.upload_state(model, client.task).items()}
     if fault:
         state = corrupt_upload(state, fault)
+    if fault in ("bad_p", "bad_extra"):
+        p, extra_up = corrupt_fields(p, extra_up, fault)
     upload = to_bytes(to_wire(state, ctx.cfg.engine.wire_dtype))
     extra_up_bytes = to_bytes(extra_up or {})
     reply = ClientReply(upload, res.loss, main_metric(task, scores), p, res.steps, int(peak),

@@ -19,7 +19,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedmoe.errors import ConfigError
 from fedmoe.faultspec import FAULT_KINDS, parse_faults  # noqa: F401 — re-exported: moved to a leaf for config
@@ -77,6 +77,77 @@ def check_upload(expected: Mapping[str, tuple[int, ...]], upload: Mapping[str, t
         raise ClientFault(f"rejected: training loss is {loss}")
 
 
+def check_reply(reply: Any, p_shape: tuple[int, int], extra_down: Mapping[str, torch.Tensor] | None) -> None:
+    """Every field of a reply besides the tensors: the same rejection path as :func:`check_upload`.
+
+    ``p`` must be a finite ``[L, E]`` array of ``p_shape`` with values in [0, 1] and layer sums
+    <= 1; score, steps and peak memory finite and >= 0; an extra named like one sent down
+    (SCAFFOLD's Δc for c) must have its shape and be finite; any other extra (FLEx's e*) must be
+    integer expert ids, one per MoE layer, below ``E``.
+    """
+    import numpy as np
+    import torch
+
+    p = reply.p
+    if not isinstance(p, np.ndarray) or tuple(p.shape) != tuple(p_shape):
+        raise ClientFault(f"rejected: routing statistics p have shape {list(getattr(p, 'shape', []))}, "
+                          f"expected {list(p_shape)}")
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1 + 1e-6).any() or (p.sum(-1) > 1 + 1e-4).any():
+        raise ClientFault("rejected: routing statistics p are not probabilities (NaN/Inf, < 0, > 1 or sum > 1)")
+    for name in ("score", "steps", "peak_memory_bytes"):
+        v = getattr(reply, name)
+        if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            raise ClientFault(f"rejected: {name} is {v!r}")
+    down = extra_down or {}
+    for key, t in sorted((reply.extra or {}).items()):
+        if not isinstance(t, torch.Tensor):
+            raise ClientFault(f"rejected: extra `{key}` is not a tensor")
+        if key in down:
+            if tuple(t.shape) != tuple(down[key].shape):
+                raise ClientFault(f"rejected: extra `{key}` has shape {list(t.shape)}, expected {list(down[key].shape)}")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ClientFault(f"rejected: extra `{key}` holds NaN/Inf values or is not floating point")
+        elif t.is_floating_point() or tuple(t.shape) != (p_shape[0],) or bool(((t < 0) | (t >= p_shape[1])).any()):
+            raise ClientFault(f"rejected: extra `{key}` is not one expert id per MoE layer (shape {list(t.shape)})")
+
+
+def check_update_norm(upload: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], bound: float) -> float:
+    """‖upload − sent‖₂ over the floating tensors both hold; rejects above ``bound`` (0: no bound)."""
+    import torch
+
+    total = 0.0
+    for key in sorted(set(upload) & set(sent)):
+        u, s = upload[key], sent[key]
+        if u.is_floating_point() and u.shape == s.shape:
+            total += float(torch.sum((u.double() - s.double()) ** 2))
+    norm = math.sqrt(total)
+    if bound > 0 and not norm <= bound:
+        raise ClientFault(f"rejected: update norm {norm:.4g} exceeds engine.max_update_norm = {bound:g}")
+    return norm
+
+
+def corrupt_fields(p: Any, extra: dict[str, torch.Tensor] | None, kind: str) -> tuple[Any, dict | None]:
+    """What a faulty client of ``kind`` sends as ``p`` / extras (copies; inputs kept)."""
+    if kind == "bad_p":
+        p = p.copy()
+        p.flat[0] = float("nan")
+    elif kind == "bad_extra":
+        extra = dict(extra or {})
+        floats = sorted(k for k, v in extra.items() if v.is_floating_point() and v.numel())
+        ints = sorted(k for k, v in extra.items() if not v.is_floating_point() and v.numel())
+        if floats:
+            t = extra[floats[0]].clone()
+            t.view(-1)[0] = float("nan")
+            extra[floats[0]] = t
+        elif ints:
+            extra[ints[0]] = extra[ints[0]] + 10**6
+        else:
+            p = p.copy()
+            p.flat[0] = -0.5
+        extra = extra or None
+    return p, extra
+
+
 class Deadline:
     """``check()`` raises :class:`ClientTimeout` once ``seconds`` have passed (0: never)."""
 
@@ -115,6 +186,8 @@ def corrupt_upload(upload: dict[str, torch.Tensor], kind: str) -> dict[str, torc
         t = out[key].clone()
         t.view(-1)[0] = float("nan") if kind == "nan" else float("inf")
         out[key] = t
+    elif kind == "big_update":
+        out[key] = out[key] + 1e4
     elif kind == "shape":
         t = out[key]
         out[key] = torch.cat([t, t[:1]], 0) if t.dim() else t.reshape(1)

@@ -33,7 +33,7 @@ from torch import nn
 from fedmoe.config import ExperimentConfig, dump_toml, load_config
 from fedmoe.core.aggregation import ClientUpdate
 from fedmoe.engine.client import ClientReply
-from fedmoe.engine.faults import check_upload, expected_upload
+from fedmoe.engine.faults import check_reply, check_update_norm, check_upload, expected_upload
 from fedmoe.engine.fingerprint import (  # noqa: F401 (re-exported)
     config_fingerprint,
     deployment_fingerprint,
@@ -190,6 +190,8 @@ def finish_client(run: Run, job: ClientJob, reply: ClientReply, upload: dict[str
     client = run.clients[job.client_id]
     assert job.template is not None and job.trainables is not None, "finish_client needs a prepared job"
     check_upload(expected_upload(job.trainables.upload_state(job.template, client.task)), upload, reply.loss)
+    check_reply(reply, (len(job.kept), max(job.expert_map.global_num_experts)), job.extra_down)
+    check_update_norm(upload, job.download, run.cfg.engine.max_update_norm)
     update = job.trainables.to_update(job.client_id, len(client.train), job.template, job.expert_map, upload,
                                       client.task)
     down, up, base = job.setup_bytes

@@ -21,7 +21,14 @@ from fedmoe.data.settings import build_federation
 from fedmoe.engine.budget import MemoryPlan, plan_memory
 from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedmoe.engine.client import ClientContext, ClientPlan, evaluate_client, run_client
-from fedmoe.engine.faults import Deadline, check_upload, expected_upload, parse_faults
+from fedmoe.engine.faults import (
+    Deadline,
+    check_reply,
+    check_update_norm,
+    check_upload,
+    expected_upload,
+    parse_faults,
+)
 from fedmoe.engine.fingerprint import model_fingerprint
 from fedmoe.engine.payload import from_bytes, from_wire, payload_size, save_tensors_file, to_bytes, to_wire
 from fedmoe.engine.records import ClientRecord, RoundRecord
@@ -108,7 +115,8 @@ class Run:
         trainables = self.strategy.client_trainables(self, cid, rnd)
         template = trainables.wrap(extract(self.base, kept, self.family))
         wire = self.cfg.engine.wire_dtype
-        download = to_bytes(to_wire(trainables.for_client(template, sub.expert_map, client.task), wire))
+        sent = trainables.for_client(template, sub.expert_map, client.task)
+        download = to_bytes(to_wire(sent, wire))
         seed = self.cfg.seed * 100_003 + rnd * 1_009 + cid
         cplan = self.strategy.client_plan(self, cid, kept)
         setup = cplan or ClientPlan()
@@ -126,6 +134,8 @@ class Run:
             record.bytes_up += len(reply.upload) + reply.extra_up_bytes  # a rejected reply still crossed
             upload = from_wire(from_bytes(reply.upload), wire)
             check_upload(expected_upload(trainables.upload_state(template, client.task)), upload, reply.loss)
+            check_reply(reply, (len(kept), max(sub.expert_map.global_num_experts)), setup.extra_down)
+            check_update_norm(upload, sent, self.cfg.engine.max_update_norm)
             update = trainables.to_update(cid, len(client.train), model, sub.expert_map, upload, client.task)
         except Exception as exc:  # noqa: BLE001 — any client failure rejects this reply only
             record.error = _reason(exc)
@@ -277,9 +287,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    ckpt = latest_checkpoint(out) if resume else None  # a bad LATEST fails before anything loads
     run = Run(cfg, out, progress)
     start = 0
-    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        from fedmoe.engine.checkpoint import CheckpointError
+
+        raise CheckpointError(f"Run directory {out} has no checkpoint to resume from.",
+                              f"start it again: `fedmoe run {out / 'config.toml'} --out {out} --overwrite`.")
     if ckpt is not None:
         start = load_checkpoint(run, ckpt) + 1
     (out / "rounds.jsonl").write_text("".join(json.dumps(rr.to_json()) + "\n" for rr in run.rounds))

@@ -92,6 +92,8 @@ def _checked_request(content: RecordDict, run_config: Mapping[str, Any], node_co
         raise ConfigError(
             f"Client {req.client_id} does not belong to this node (partition {ident.partition_id} of "
             f"{ident.num_partitions}).", "check the SuperNodes' --node-config partition ids.")
+    ident.check_paths(settings)  # the experiment file, before it is read
+    ident.check_paths(settings, settings.experiment_config(ident.data_dir))  # before any data or model is read
     node = node_state(settings, ident)
     if deployment_fingerprint(node.cfg, node.structure) != req.fingerprint:
         raise ConfigError(f"The node's experiment config or base model {K.ERR_MISMATCH}.",

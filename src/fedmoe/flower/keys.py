@@ -37,6 +37,10 @@ NODE_DATA_DIR = "data-dir"
 #: experts): ``<state-dir>/run-<run id>/client-<cid>/``; default: run config ``node-state-dir``,
 #: else ``<temp dir>/fedmoe-node-state``
 NODE_STATE_DIR = "state-dir"
+#: ``;``-separated folders: when set, the node refuses a run whose server-sent paths (the
+#: experiment file, ``data.data_dir``, ``node-state-dir``, a local ``model.name`` or hub folder)
+#: lie outside them; its own ``data-dir`` / ``state-dir`` always win over the server's
+NODE_ALLOWED_ROOTS = "allowed-roots"
 
 # -- message content: record names ---------------------------------------------------------
 #: ArrayRecord: trainable tensors (server → client: the sub-MoE's share of the global

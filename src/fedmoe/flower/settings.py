@@ -103,6 +103,7 @@ class NodeIdentity:
     num_partitions: int
     data_dir: str = ""
     state_dir: str = ""
+    allowed_roots: tuple[str, ...] = ()
 
     @classmethod
     def from_node_config(cls, nc: Mapping[str, Any]) -> NodeIdentity:
@@ -111,12 +112,46 @@ class NodeIdentity:
                 f"SuperNode has no `{K.NODE_PARTITION_ID}` / `{K.NODE_NUM_PARTITIONS}` in its node config.",
                 'start it with --node-config "partition-id=0 num-partitions=2".',
             )
+        roots = tuple(r.strip() for r in str(nc.get(K.NODE_ALLOWED_ROOTS, "")).split(";") if r.strip())
         ident = cls(int(nc[K.NODE_PARTITION_ID]), int(nc[K.NODE_NUM_PARTITIONS]), str(nc.get(K.NODE_DATA_DIR, "")),
-                    str(nc.get(K.NODE_STATE_DIR, "")))
+                    str(nc.get(K.NODE_STATE_DIR, "")), roots)
         if not 0 <= ident.partition_id < ident.num_partitions:
             raise ConfigError(f"partition-id={ident.partition_id} is outside 0..num-partitions-1.",
                               f"use 0 … {ident.num_partitions - 1}.")
         return ident
+
+    def check_paths(self, settings: AppSettings, cfg: ExperimentConfig | None = None) -> None:
+        """Refuse server-sent paths outside this node's ``allowed-roots`` (no-op when unset).
+
+        Checked: the experiment file when given as an absolute path or with ``..`` (a plain
+        relative name resolves inside the installed app), ``data.data_dir`` unless the node pins
+        ``data-dir``, ``node-state-dir`` unless it pins ``state-dir``, and ``model.name`` /
+        ``data.hub_*`` when they name existing or absolute local paths. Without ``cfg``: the
+        experiment file only (checked before it is read).
+        """
+        if not self.allowed_roots:
+            return
+        roots = [Path(r).expanduser().resolve() for r in self.allowed_roots]
+        exp = Path(settings.experiment).expanduser()
+        named: list[tuple[str, str]] = []
+        if exp.is_absolute() or ".." in exp.parts:
+            named.append((K.RUN_EXPERIMENT, settings.experiment))
+        if not self.state_dir and settings.node_state_dir:
+            named.append((K.RUN_NODE_STATE_DIR, settings.node_state_dir))
+        if cfg is not None:
+            if not self.data_dir and cfg.data.source == "local":
+                named.append(("data.data_dir", cfg.data.data_dir))
+            for key, value in (("model.name", cfg.model.name), ("data.hub_tc", cfg.data.hub_tc),
+                               ("data.hub_rc", cfg.data.hub_rc), ("data.hub_ts", cfg.data.hub_ts)):
+                if value.startswith(("/", ".", "~")) or Path(value).expanduser().exists():
+                    named.append((key, value))
+        for key, value in named:
+            path = Path(value).expanduser().resolve()
+            if not any(path == r or r in path.parents for r in roots):
+                raise ConfigError(f"The run config sets `{key}` = {value} — outside this node's allowed roots "
+                                  f"({'; '.join(map(str, roots))}); the node refuses the run.",
+                                  f"point `{key}` inside the allowed roots, or pin it in the node's --node-config "
+                                  f"({K.NODE_DATA_DIR}, {K.NODE_STATE_DIR}) or widen {K.NODE_ALLOWED_ROOTS}.")
 
     def serves(self, client_id: int) -> bool:
         return partition_of(client_id, self.num_partitions) == self.partition_id

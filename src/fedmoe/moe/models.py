@@ -130,6 +130,11 @@ def _from_pretrained(name: str, torch_dtype: torch.dtype) -> tuple[nn.Module, Mo
             f"or a preset ({', '.join(tiny_names())}); supported families: {supported()}.",
         ) from None
     family = family_for_model_type(config.model_type)
-    model = auto_class(family).from_pretrained(str(local) if looks_local else name, dtype=torch_dtype)
+    try:
+        model = auto_class(family).from_pretrained(str(local) if looks_local else name, dtype=torch_dtype)
+    except Exception as exc:  # noqa: BLE001 — truncated/garbage weight files raise many types
+        raise ModelError(f"Could not read the weights of model `{name}` ({type(exc).__name__}: "
+                         f"{(str(exc).splitlines() or [''])[0][:200]}).",
+                         "re-save the model with `save_pretrained` (complete model.safetensors + config.json).") from None
     model.eval()
     return model, family
