@@ -5,3 +5,7 @@ SCAFFOLD and randomMoE on native Hugging Face MoE classes.
 """
 
 __version__ = "0.1.0"
+
+from fedmoe.quiet import filter_upstream_warnings as _filter_upstream_warnings  # noqa: E402
+
+_filter_upstream_warnings()

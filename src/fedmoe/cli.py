@@ -30,6 +30,9 @@ DEBUG = {"on": False}
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
     DEBUG["on"] = debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fedmoe.quiet import quiet_cli
+
+    quiet_cli()
 
 
 def _fail(exc: FedMoEError) -> None:
@@ -170,6 +173,24 @@ def report(
     for note in rep.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"wrote {rep.markdown}, {rep.json} and {len(rep.figures)} figure(s) under {out / 'figures'}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="folder of a finished `fedmoe run`")],
+    out: Annotated[Path, typer.Option("--out", help="new or empty folder to write")],
+    client: Annotated[int | None, typer.Option("--client", help="export this client's personalised model")] = None,
+) -> None:
+    """Write a run's result for plain transformers/peft: the global LoRA adapter (routers kept),
+    or with --client K that client's sub-MoE with its LoRA merged (see docs/export.md)."""
+    from fedmoe.export import export_run
+
+    try:
+        written = export_run(run_dir, out, client)
+    except FedMoEError as exc:
+        _fail(exc)
+        return
+    console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 
 
 if __name__ == "__main__":

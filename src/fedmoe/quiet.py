@@ -1,0 +1,56 @@
+"""Quiet by default: upstream noise is silenced here, in one place, and nowhere else.
+
+* :func:`filter_upstream_warnings` (installed when ``fedmoe`` is imported): warnings that
+  upstream libraries raise about *their own* use of each other, which a fedmoe user cannot act
+  on. Each filter names the exact message and the module that raises it; everything else
+  (including warnings about the user's own input) still shows.
+* :func:`quiet_cli` (the ``fedmoe`` command): no loading/saving progress bars from
+  ``transformers`` / ``huggingface_hub`` / ``datasets`` (they are not ours and would leak into
+  ``fedmoe inspect`` tables and logs), and upstream library loggers at ERROR.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+#: (message regex, category, module regex) of upstream warnings a fedmoe user cannot act on
+UPSTREAM_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # peft (0.17–0.21) reads transformers' deprecated alias in PeftModel.__init__
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\."),
+    # peft checks a base folder for a vocabulary change when saving an adapter
+    (r"Could not find a config file in", UserWarning, r"peft\."),
+    # Flower: the simulation API fedmoe calls is announced as deprecated
+    (r".*run_simulation.*deprecated", DeprecationWarning, r"flwr\."),
+)
+
+
+def filter_upstream_warnings() -> None:
+    for message, category, module in UPSTREAM_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def quiet_cli() -> None:
+    """Silence upstream progress bars and chatty loggers (the CLI's own output stays)."""
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    for name in ("peft", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
