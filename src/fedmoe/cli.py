@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -82,6 +81,9 @@ def run(
     engine: Annotated[str | None, typer.Option(
         "--engine", help="inprocess (default) or flower-sim (Flower's simulation engine; config key engine.name)",
     )] = None,
+    log: Annotated[str | None, typer.Option(
+        "--log", help="metric logs, comma-separated: csv (metrics.csv), tensorboard (<out>/tensorboard), wandb",
+    )] = None,
 ) -> None:
     """Run an experiment; writes config.toml, rounds.jsonl, summary.json, expert_map.json."""
     from fedmoe.config import load_config
@@ -97,6 +99,11 @@ def run(
             raise ConfigError(f"`--resume` continues in-process runs only (got --engine {engine}).",
                               "resume with --engine inprocess, or start the run again.")
         cfg = load_config(config, [*(set_ or []), *([f'engine.name="{engine}"'] if engine else [])])
+        from fedmoe.progress import parse_logs
+
+        logs = parse_logs(log)
+        if logs and cfg.engine.name != "inprocess":
+            raise ConfigError("`--log` works with the in-process engine only.", "drop --log, or use --engine inprocess.")
         if cfg.engine.name == "flower-sim":
             from fedmoe.flower.simulation import run_flower_simulation
 
@@ -104,7 +111,7 @@ def run(
         else:
             from fedmoe.engine.run import run_experiment
 
-            summary = _with_progress(lambda progress: run_experiment(cfg, out, progress, resume=resume is not None))
+            summary = _monitored(cfg, out, logs, resume is not None, run_experiment)
     except FedMoEError as exc:
         if created and out.exists() and not isinstance(exc, RunStopped):
             shutil.rmtree(out)  # leave nothing that could be mistaken for a result (a stopped run has
@@ -125,18 +132,18 @@ def run(
     )
 
 
-def _with_progress(fn):
-    from rich.progress import Progress
+def _monitored(cfg, out: Path, logs: list[str], resume: bool, run_experiment):
+    """Run with the progress bar (terminal) or per-round lines (otherwise) and the --log sinks."""
+    from fedmoe.config import config_to_dict
+    from fedmoe.progress import RunMonitor
 
-    with Progress(console=console, transient=not sys.stdout.isatty()) as prog:
-        task = prog.add_task("round 0", total=None)
-
-        def progress(rnd: int, stage: int, cid: int, rec) -> None:
-            prog.update(task, description=f"stage {stage} round {rnd} client {cid} ({rec.task}) "
-                                          f"loss={rec.loss:.3f} score={rec.score:.3f}")
-            prog.advance(task)
-
-        return fn(progress)
+    monitor = RunMonitor(console, out, logs, resume, config_to_dict(cfg))
+    summary = None
+    try:
+        summary = run_experiment(cfg, out, monitor, resume=resume)
+    finally:
+        monitor.finish(summary)
+    return summary
 
 
 @data_app.command("describe")

@@ -75,5 +75,6 @@ def test_corrupt_checkpoint_is_rejected(tmp_path, shared_data):
     data = bytearray((ckpt / "state.pkl").read_bytes())
     data[-5] ^= 0xFF
     (ckpt / "state.pkl").write_bytes(bytes(data))
+    (tmp_path / "r" / "summary.json").unlink()  # as if killed after the checkpoint (a finished run resumes to a no-op)
     with pytest.raises(CheckpointError, match="corrupt"):
         run_experiment(cfg, tmp_path / "r", resume=True)
