@@ -25,8 +25,18 @@ err = Console(stderr=True)
 DEBUG = {"on": False}
 
 
+def _version(value: bool) -> None:
+    if value:
+        from fedmoe import __version__
+
+        console.print(f"fedmoe {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
     DEBUG["on"] = debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fedmoe.quiet import quiet_cli
@@ -47,12 +57,13 @@ def _mib(n: float) -> str:
 
 @app.command()
 def inspect(model: Annotated[str, typer.Argument(help="tiny-<family>, a preset, a hub name or a local path")]) -> None:
-    """Print the MoE layers of MODEL: experts, top-k, bytes per expert, dense and total bytes."""
+    """Print the MoE layers of MODEL: experts, top-k, bytes per expert, dense and total bytes
+    (built on the meta device: shapes only, no weights are loaded)."""
     try:
-        from fedmoe.moe.models import load_model
+        from fedmoe.moe.meta import load_shapes
         from fedmoe.moe.slicing import layout_of
 
-        m, family, _ = load_model(model)
+        m, family = load_shapes(model)
     except FedMoEError as exc:
         _fail(exc)
         return
@@ -70,6 +81,15 @@ def inspect(model: Annotated[str, typer.Argument(help="tiny-<family>, a preset, 
     shared = ", ".join(family.shared_experts) or "none"
     console.print(f"dense bytes: {_mib(dense)}   total bytes: {_mib(total)}   "
                   f"parameters: {sum(p.numel() for p in m.parameters()):,}   shared experts: {shared}")
+
+
+@app.command()
+def models() -> None:
+    """What `model.name` (and `fedmoe inspect`) accepts: presets, tiny families, hub names and folders."""
+    from fedmoe.moe.models_table import models_tables
+
+    for item in models_tables():
+        console.print(item)
 
 
 @app.command()
