@@ -51,7 +51,8 @@ def memory_rows(quick: bool) -> list[dict]:
                     dict(common, model_factory=partial(build_checkpointed, name, **over))]
             off, on = measure_in_subprocess(jobs, num_threads=1)
             base = training_table(model, b, s, ft, 8, factors=SMOOTHED_CE_LOSS, adam_impl="for-loop").total()
-            saving = checkpointing_saving(model, b, s, ft, 8, factors=SMOOTHED_CE_LOSS, adam_impl="for-loop")
+            d_saving, e_saving = checkpointing_saving(model, b, s, ft, 8, factors=SMOOTHED_CE_LOSS, adam_impl="for-loop")
+            saving = d_saving + float(e_saving.sum())
             row = dict(case=label, finetune=ft, predicted_off=base, measured_off=off.peak_bytes,
                        predicted_on=base - saving, measured_on=on.peak_bytes)
             rows.append(row)

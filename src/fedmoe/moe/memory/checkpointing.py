@@ -12,9 +12,9 @@ the peak being either at the loss (no layer recomputed yet) or inside one layer'
 backward. ``A_outside``: what lives outside the layers (logits, loss, final norm, embedding
 dropout); ``W_loss``: the backward working set of the whole model; ``A_layer`` / ``W_layer``:
 one layer's kept terms and its own backward working set, as without checkpointing.
-:func:`checkpointing_saving` is ``A - A_ckpt``: the bytes to take off the dense part of the
-additive table. Expert units are unchanged (their router column and LoRA merged weight are
-still charged per layer: an upper bound). Measured against real steps in
+:func:`checkpointing_saving` gives ``A - A_ckpt`` (the bytes to take off the dense part of
+the additive table) and, under LoRA on fused experts, each expert's merged weight, which
+leaves the expert units (it only exists while its layer is recomputed). Measured against real steps in
 ``benchmarks/memory/gradient_checkpointing.py`` (results.md there).
 """
 
@@ -23,14 +23,17 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from fedmoe.moe.families import MoEFamily, family_of
 
 
-def checkpointed_activation_terms(mm: Any, lora_attn_linears: float = 0.0,
-                                  lora_expert_linears: float = 0.0) -> dict[str, float]:
-    """``{"without": A, "with": A_ckpt}`` of the dense part for memory model ``mm``."""
+def checkpointed_activation_terms(mm: Any, lora_attn_linears: float = 0.0, lora_expert_linears: float = 0.0,
+                                  layer_extra: list[float] | None = None) -> dict[str, float]:
+    """``{"without": A, "with": A_ckpt}`` of the dense part for memory model ``mm``;
+    ``layer_extra[i]``: bytes of layer i that exist only while it is recomputed (merged LoRA
+    expert weights), added to that layer's term."""
     def terms(layers: list, vocab: int | None = None) -> dict[str, float]:
         shape = replace(mm.shape, layers=layers) if vocab is None else replace(mm.shape, layers=layers, vocab=vocab)
         return replace(mm, shape=shape).activation_terms(lora_attn_linears, lora_expert_linears)
@@ -43,10 +46,15 @@ def checkpointed_activation_terms(mm: Any, lora_attn_linears: float = 0.0,
     bare = terms([], 0)
     bare.pop("working_set")
     per_layer = []  # one layer's kept terms + its own backward working set (no loss gradients)
+    moe_index = 0
     for spec in layers:
         one = terms([spec], 0)
         one_ws = one.pop("working_set")
-        per_layer.append(sum(one.values()) - sum(bare.values()) + one_ws)
+        extra = 0.0
+        if spec.moe and layer_extra:
+            extra = layer_extra[min(moe_index, len(layer_extra) - 1)]
+            moe_index += 1
+        per_layer.append(sum(one.values()) - sum(bare.values()) + one_ws + extra)
     inputs = sum(mm.tokens(s.stack) * mm.act_bytes * mm.shape.hidden for s in layers)
     # peak: at the loss (no layer recomputed yet), or inside one layer's recomputed backward
     # (the loss's tensors are gone; the returned logits are still held by the loop)
@@ -56,18 +64,26 @@ def checkpointed_activation_terms(mm: Any, lora_attn_linears: float = 0.0,
 
 
 def checkpointing_saving(model: nn.Module, batch_size: int, seq_len: int, finetune: str = "lora", lora_r: int = 8,
-                         family: MoEFamily | None = None, **kwargs: Any) -> float:
-    """Training bytes gradient checkpointing takes off the dense part of ``model``'s table."""
+                         family: MoEFamily | None = None, **kwargs: Any) -> tuple[float, np.ndarray]:
+    """``(dense saving, expert savings [L, E])``: training bytes gradient checkpointing takes off
+    ``model``'s additive table. Experts: under LoRA on fused experts, the merged weight each
+    kept expert holds for backward now lives only while its layer is recomputed — it leaves
+    the expert units and the largest layer's (all experts: an upper bound for any submodel)
+    joins the dense part's recomputed-layer term."""
     from fedmoe.moe.memory.formula import _lora_targets, memory_model_for
 
     family = family or family_of(model)
     mm = memory_model_for(model, batch_size, seq_len, finetune, lora_r, family, **kwargs)
+    blocks = family.blocks(model)
+    experts = np.zeros((len(blocks), max(b.num_experts for b in blocks)))
     lora = finetune == "lora"
-    attn_count = _lora_targets(model, family)[1] if lora else 0
+    attn_count, expert_lora = (_lora_targets(model, family)[1:] if lora else (0, {}))
+    for (i, j), (_, merged) in expert_lora.items():
+        experts[i, j] = mm.factors.lora_merge * merged
     per_layer_attn = attn_count / max(1, len(mm.shape.layers)) if lora else 0.0
     per_module_lora = 0.0 if family.fused else 2.0
-    terms = checkpointed_activation_terms(mm, per_layer_attn, per_module_lora)
-    return max(0.0, terms["without"] - terms["with"])
+    terms = checkpointed_activation_terms(mm, per_layer_attn, per_module_lora, list(experts.sum(axis=1)))
+    return max(0.0, terms["without"] - terms["with"]), experts
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
