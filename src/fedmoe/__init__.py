@@ -20,3 +20,7 @@ for _key, _value in (("THP_MEM_ALLOC_ENABLE", "1"), ("OMP_WAIT_POLICY", "PASSIVE
     _os.environ.setdefault(_key, _value)
 
 __version__ = "0.1.0"
+
+from fedmoe.quiet import filter_upstream_warnings as _filter_upstream_warnings  # noqa: E402
+
+_filter_upstream_warnings()

@@ -77,10 +77,23 @@ DEBUG = {"on": False}
 _RUN_SET_HELP = "override: section.key=value; algorithm=" + " | ".join(ALGORITHM_NAMES)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from fedmoe import __version__
+
+        console.print(f"fedmoe {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
     DEBUG["on"] = debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fedmoe.quiet import quiet_cli
+
+    quiet_cli()
 
 
 def _fail(exc: FedMoEError) -> None:
@@ -93,12 +106,13 @@ def _mib(n: float) -> str:
 
 @app.command()
 def inspect(model: Annotated[str, typer.Argument(help="tiny-<family>, a preset, a hub name or a local path")]) -> None:
-    """Print the MoE layers of MODEL: experts, top-k, bytes per expert, dense and total bytes."""
+    """Print the MoE layers of MODEL: experts, top-k, bytes per expert, dense and total bytes
+    (built on the meta device: shapes only, no weights are loaded)."""
     try:
-        from fedmoe.moe.models import load_model
+        from fedmoe.moe.meta import load_shapes
         from fedmoe.moe.slicing import layout_of
 
-        m, family, _ = load_model(model)
+        m, family = load_shapes(model)
     except FedMoEError as exc:
         _fail(exc)
         return
@@ -125,6 +139,15 @@ def inspect(model: Annotated[str, typer.Argument(help="tiny-<family>, a preset, 
 
 
 @app.command()
+def models() -> None:
+    """What `model.name` (and `fedmoe inspect`) accepts: presets, tiny families, hub names and folders."""
+    from fedmoe.moe.models_table import models_tables
+
+    for item in models_tables():
+        console.print(item)
+
+
+@app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment TOML file")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=_RUN_SET_HELP)] = None,
@@ -134,6 +157,9 @@ def run(
         "--engine", help="inprocess (default) or flower-sim (Flower's simulation engine; config key engine.name)",
     )] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the earlier run in --out")] = False,
+    log: Annotated[str | None, typer.Option(
+        "--log", help="metric logs, comma-separated: csv (metrics.csv), tensorboard (<out>/tensorboard), wandb",
+    )] = None,
 ) -> None:
     """Run an experiment; writes config.toml, rounds.jsonl, summary.json, expert_map.json."""
     from fedmoe.config import load_config
@@ -149,6 +175,11 @@ def run(
     if config is None:
         raise ConfigError("No config file given.", "run `fedmoe run CONFIG.toml` or `fedmoe run --resume RUN_DIR`.")
     cfg = load_config(config, [*(set_ or []), *([f'engine.name="{engine}"'] if engine else [])])
+    from fedmoe.progress import parse_logs
+
+    logs = parse_logs(log)
+    if logs and cfg.engine.name != "inprocess":
+        raise ConfigError("`--log` works with the in-process engine only.", "drop --log, or use --engine inprocess.")
     created = resume is None and prepare_out(out, overwrite)
     try:
         if cfg.engine.name == "flower-sim":
@@ -158,7 +189,7 @@ def run(
         else:
             from fedmoe.engine.run import run_experiment
 
-            summary = _with_progress(lambda progress: run_experiment(cfg, out, progress, resume=resume is not None))
+            summary = _monitored(cfg, out, logs, resume is not None, run_experiment)
     except BaseException as exc:
         after_failure(out, created, exc)
         raise
@@ -177,18 +208,18 @@ def run(
     )
 
 
-def _with_progress(fn):
-    from rich.progress import Progress
+def _monitored(cfg, out: Path, logs: list[str], resume: bool, run_experiment):
+    """Run with the progress bar (terminal) or per-round lines (otherwise) and the --log sinks."""
+    from fedmoe.config import config_to_dict
+    from fedmoe.progress import RunMonitor
 
-    with Progress(console=console, transient=not sys.stdout.isatty()) as prog:
-        task = prog.add_task("round 0", total=None)
-
-        def progress(rnd: int, stage: int, cid: int, rec) -> None:
-            prog.update(task, description=f"stage {stage} round {rnd} client {cid} ({rec.task}) "
-                                          f"loss={rec.loss:.3f} score={rec.score:.3f}")
-            prog.advance(task)
-
-        return fn(progress)
+    monitor = RunMonitor(console, out, logs, resume, config_to_dict(cfg))
+    summary = None
+    try:
+        summary = run_experiment(cfg, out, monitor, resume=resume)
+    finally:
+        monitor.finish(summary)
+    return summary
 
 
 @data_app.command("describe")
@@ -225,6 +256,24 @@ def report(
     for note in rep.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"wrote {rep.markdown}, {rep.json} and {len(rep.figures)} figure(s) under {out / 'figures'}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="folder of a finished `fedmoe run`")],
+    out: Annotated[Path, typer.Option("--out", help="new or empty folder to write")],
+    client: Annotated[int | None, typer.Option("--client", help="export this client's personalised model")] = None,
+) -> None:
+    """Write a run's result for plain transformers/peft: the global LoRA adapter (routers kept),
+    or with --client K that client's sub-MoE with its LoRA merged (see docs/export.md)."""
+    from fedmoe.export import export_run
+
+    try:
+        written = export_run(run_dir, out, client)
+    except FedMoEError as exc:
+        _fail(exc)
+        return
+    console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 
 
 if __name__ == "__main__":

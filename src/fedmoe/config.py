@@ -96,6 +96,10 @@ class TrainConfig:
     lora_dropout: float = 0.0
     #: evaluation batch size
     eval_batch_size: int = 32
+    #: recompute each layer's activations in backward (transformers' gradient checkpointing):
+    #: less activation memory, so the memory plan prices submodels lower and memory-poor clients
+    #: keep more experts, at a step-time cost (benchmarks/memory/gradient_checkpointing.md)
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -162,3 +162,19 @@ def test_describe_each_preset_within_30s(
     elapsed = time.perf_counter() - start
     assert "Federation: 30 clients" in capsys.readouterr().out
     assert elapsed < 30, f"describe took {elapsed:.1f} s"
+
+
+def test_describe_budgets_are_the_runs_budgets(real_data: Path, tmp_path: Path) -> None:
+    """`data describe` (weight-free model) shows exactly the budgets a run gives its clients."""
+    from fedmoe.config import load_config
+    from fedmoe.data.describe import attach_budgets
+    from fedmoe.engine.run import Run
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "tiny.toml", [f"data.data_dir={str(real_data)!r}", "data.max_examples_per_task=36"])
+    fed = build_federation(cfg)
+    full = attach_budgets(cfg, fed)
+    run = Run(cfg, tmp_path)
+    assert {c.client_id: c.budget_bytes for c in fed.clients} == {c.client_id: c.budget_bytes for c in run.fed.clients}
+    assert all(c.budget_bytes and c.budget_bytes > 0 for c in fed.clients)
+    assert full == run.plan.full_bytes

@@ -76,6 +76,7 @@ def test_corrupt_checkpoint_is_rejected(tmp_path, shared_data):
     data = bytearray((ckpt / "state.json").read_bytes())
     data[-5] ^= 0xFF
     (ckpt / "state.json").write_bytes(bytes(data))
+    (tmp_path / "r" / "summary.json").unlink()  # as if killed after the checkpoint (a finished run resumes to a no-op)
     with pytest.raises(CheckpointError, match="corrupt"):
         run_experiment(cfg, tmp_path / "r", resume=True)
     # a crafted checkpoint with a recomputed manifest: the state names a class outside fedmoe's

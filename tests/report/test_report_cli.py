@@ -140,3 +140,21 @@ def test_report_errors(tmp_path: Path):
     (bad / "summary.json").write_text("{not json")
     with pytest.raises(ReportError, match="not valid JSON"):
         load_run(bad)
+
+
+def test_report_skips_and_names_broken_run_folders(runs: Path, tmp_path: Path):
+    from fedmoe.report import build_report
+
+    bad = write_run(runs / ST / "fedavg" / "seed0", algorithm="fedavg", setting=ST, seed=0, scores={"tc": 0.5},
+                    rounds=[(10.0, [("tc", 0.2)])])
+    (bad / "summary.json").write_text("{not json")
+    noscores = write_run(runs / ST / "fedprox" / "seed0", algorithm="fedprox", setting=ST, seed=0, scores={"tc": 0.5},
+                         rounds=[(10.0, [("tc", 0.2)])])
+    (noscores / "summary.json").write_text("[]")
+    rep = build_report([runs], tmp_path / "rep", figures=False)
+    broken = [n for n in rep.notes if n.startswith("skipped broken run")]
+    assert len(broken) == 2
+    assert any(str(bad) in n and "not valid JSON" in n for n in broken)
+    assert any(str(noscores) in n and "no `scores`" in n for n in broken)
+    data = json.loads(rep.json.read_text())
+    assert str(bad) not in data["runs"] and str(noscores) not in data["runs"] and len(data["runs"]) >= 2

@@ -19,7 +19,32 @@ def _histogram(client: ClientData) -> str:
 
 
 def _budget(client: ClientData) -> str:
-    return "-" if client.budget_bytes is None else f"{client.budget_bytes / 2**30:.2f} GiB"
+    return "-" if client.budget_bytes is None else _bytes(client.budget_bytes)
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _data_source(cfg: ExperimentConfig) -> str:
+    d = cfg.data
+    if d.source != "hub":
+        return f"local:{d.data_dir}"
+    names = ", ".join(f"{t}={getattr(d, f'hub_{t}')}" for t in d.tasks)
+    return f"hub ({names}; split {d.hub_split or 'test for tc/ts, validation for rc'})"
+
+
+def attach_budgets(cfg: ExperimentConfig, fed: Federation) -> float:
+    """Give every client the memory budget the run would give it (same model, same draw), from
+    a weight-free (meta-device) copy of ``model.name``; returns the full MoE's training bytes."""
+    from fedmoe.engine.budget import plan_memory
+    from fedmoe.moe.meta import load_shapes
+
+    model, family = load_shapes(cfg.model.name, cfg.model.dtype)
+    plan = plan_memory(model, family, cfg, sorted(c.client_id for c in fed.clients))
+    for c in fed.clients:
+        c.budget_bytes = int(plan.table.budgets[c.client_id])
+    return plan.full_bytes
 
 
 def describe(cfg: ExperimentConfig, federation: Federation | None = None) -> Table:
@@ -34,7 +59,7 @@ def describe(cfg: ExperimentConfig, federation: Federation | None = None) -> Tab
             if fed.partition_kind == "dirichlet"
             else ""
         )
-        + f", seed {fed.seed}, data {cfg.data.source}:{cfg.data.data_dir if cfg.data.source == 'local' else 'hub'}"
+        + f", seed {fed.seed}, data {_data_source(cfg)}"
     )
     for task, names in fed.group_names.items():
         kind = "labels" if task == "tc" else "k-means clusters"
@@ -89,4 +114,15 @@ def describe(cfg: ExperimentConfig, federation: Federation | None = None) -> Tab
 def describe_command(config_path: str | None, overrides: list[str]) -> None:
     """Load ``config_path`` (None = defaults) with ``overrides`` and print :func:`describe`."""
     cfg = load_config(config_path, overrides)
-    Console().print(describe(cfg))
+    from fedmoe.errors import FedMoEError
+
+    fed = build_federation(cfg)
+    try:
+        full = attach_budgets(cfg, fed)
+        note = (f"budget = training memory the client may use ({cfg.model.name}, {cfg.train.finetune}; "
+                f"the full MoE needs {_bytes(full)}; setting.budget_low/high scale the experts' share)")
+    except FedMoEError as exc:  # the data are still worth describing
+        note = f"budget: - (model {cfg.model.name} unavailable: {exc})"
+    table = describe(cfg, fed)
+    table.caption += "\n" + note
+    Console().print(table)

@@ -48,6 +48,19 @@ def _unit_training_bytes(model: nn.Module, family: MoEFamily, batch_size: int, s
     return float(dense), experts
 
 
+def _checkpointing_saving(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig) -> tuple[float, np.ndarray]:
+    """Dense-part and per-expert bytes that ``train.gradient_checkpointing`` saves (same loss/optimiser as
+    :func:`fedmoe.moe.memory.unit_training_bytes` assumes)."""
+    import torch
+
+    from fedmoe.moe.memory import SMOOTHED_CE_LOSS
+    from fedmoe.moe.memory.checkpointing import checkpointing_saving
+
+    return checkpointing_saving(model, cfg.train.batch_size, cfg.data.max_seq_len, cfg.train.finetune,
+                                cfg.train.lora_r, family, factors=SMOOTHED_CE_LOSS,
+                                adam_impl="foreach" if torch.cuda.is_available() else "for-loop")
+
+
 @dataclass
 class MemoryPlan:
     table: MemoryTable
@@ -69,5 +82,10 @@ def plan_memory(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig, clie
     total_experts = float(experts.sum())
     budgets = draw_budgets(len(client_ids), dense + s.budget_low * total_experts,
                            dense + s.budget_high * total_experts, cfg.seed)
+    if cfg.train.gradient_checkpointing:  # budgets are the devices' memory; the costs drop
+        d_saving, e_saving = _checkpointing_saving(model, family, cfg)
+        dense -= d_saving
+        experts = experts - e_saving[:, :experts.shape[1]]
+        full = float(dense + experts.sum())
     table = MemoryTable(float(dense), experts, {cid: float(b) for cid, b in zip(client_ids, budgets, strict=True)})
     return MemoryPlan(table, full, [b.num_experts for b in family.blocks(model)])

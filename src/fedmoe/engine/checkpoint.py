@@ -132,12 +132,7 @@ def load_checkpoint(run: Run, d: Path) -> int:
         if not (d / name).is_file() or _sha(d / name) != digest:
             raise CheckpointError(f"Checkpoint file {d / name} is missing or corrupt (checksum mismatch).",
                                   "delete that checkpoint folder to fall back to an older one, or start a new run.")
-    new = _flat(config_to_dict(run.cfg))
-    changed = [c for c in config_changes(manifest.get("config", {}), new) if c.split(":")[0] not in RESUME_MUTABLE]
-    if changed:
-        raise CheckpointError(f"The config differs from the one checkpoint {d} was written with: {'; '.join(changed)}.",
-                              "undo those changes in config.toml / --set (only "
-                              f"{', '.join(RESUME_MUTABLE)} may change on --resume), or start a new run.")
+    _check_config(run.cfg, manifest, d)
     try:
         tensors = load_tensors_file(d / "trainable.safetensors")
         tree = json.loads((d / "state.json").read_text())
@@ -156,3 +151,21 @@ def load_checkpoint(run: Run, d: Path) -> int:
         raise _bad(d, f"server state does not fit this run ({exc!r})") from None
     run.trainables.state = tensors
     return rnd
+
+
+def _check_config(cfg: Any, manifest: dict[str, Any], d: Path) -> None:
+    new = _flat(config_to_dict(cfg))
+    changed = [c for c in config_changes(manifest.get("config", {}), new) if c.split(":")[0] not in RESUME_MUTABLE]
+    if changed:
+        raise CheckpointError(f"The config differs from the one checkpoint {d} was written with: {'; '.join(changed)}.",
+                              "undo those changes in config.toml / --set (only "
+                              f"{', '.join(RESUME_MUTABLE)} may change on --resume), or start a new run.")
+
+
+def check_resume_config(cfg: Any, d: Path) -> None:
+    """Refuse to resume from checkpoint ``d`` with a config that differs in a key that may not change."""
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise _bad(d, f"manifest.json is unreadable ({exc})") from None
+    _check_config(cfg, manifest, d)

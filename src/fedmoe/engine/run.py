@@ -19,7 +19,7 @@ import numpy as np
 from fedmoe.config import ExperimentConfig, dump_toml
 from fedmoe.data.settings import build_federation
 from fedmoe.engine.budget import MemoryPlan, plan_memory
-from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fedmoe.engine.checkpoint import check_resume_config, latest_checkpoint, load_checkpoint, save_checkpoint
 from fedmoe.engine.client import ClientContext, ClientPlan, evaluate_client, run_client
 from fedmoe.engine.faults import (
     Deadline,
@@ -173,6 +173,7 @@ class Run:
         if plan.stage == 2 and "after_stage1" not in self.p_snapshots and self.latest_p:
             self.p_snapshots["after_stage1"] = self.p_by_task()
         t0 = time.perf_counter()
+        notify(self.progress, "round_start", plan.round, plan.stage, len(plan.sampled))
         records, updates, replies = [], [], {}
         for cid in plan.sampled:
             rec, upd, reply = self._client(cid, plan.sets[cid], plan.stage, plan.round)
@@ -206,6 +207,7 @@ class Run:
         self.rounds.append(rr)
         with (self.out / "rounds.jsonl").open("a") as f:
             f.write(json.dumps(rr.to_json()) + "\n")
+        notify(self.progress, "round_done", rr)
         return rr
 
     # -- final evaluation --------------------------------------------------------------
@@ -214,13 +216,24 @@ class Run:
         per-example rows go to ``self.predictions`` (``predictions.jsonl``)."""
         rows = []
         self.predictions = []
-        for cid, kept in self.strategy.final_sets(self).items():
+        sets = self.strategy.final_sets(self)
+        notify(self.progress, "evaluating", len(sets))
+        for cid, kept in sets.items():
             client = self.clients[cid]
             sub = extract(self.base, kept, self.family)
             trainables = self.strategy.client_trainables(self, cid, None)
             rows.append((client.task, len(client.test),
                          evaluate_client(self.ctx, client, sub, trainables, predictions=self.predictions)))
+            notify(self.progress, "evaluated", cid)
         return combine_scores(rows)
+
+
+def notify(progress: Any, event: str, *args: Any) -> None:
+    """Call ``progress.<event>(*args)`` when the progress object has it (a plain per-client
+    callable has none; :class:`fedmoe.progress.RunMonitor` has them all)."""
+    fn = getattr(progress, event, None)
+    if fn is not None:
+        fn(*args)
 
 
 def combine_scores(rows: list[tuple[str, int, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -290,21 +303,34 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = N
     ckpt = latest_checkpoint(out) if resume else None  # a bad LATEST fails before anything loads
     run = Run(cfg, out, progress)
     start = 0
+    total = run.strategy.num_rounds(run)
     if resume and ckpt is None:
         from fedmoe.engine.checkpoint import CheckpointError
 
         raise CheckpointError(f"Run directory {out} has no checkpoint to resume from.",
                               f"start it again: `fedmoe run {out / 'config.toml'} --out {out} --overwrite`.")
+    finished = _finished_summary(out) if resume else None
+    if finished is not None and finished.get("rounds", -1) >= total:
+        check_resume_config(run.cfg, ckpt)
+        return finished  # resuming a finished run (with its own config) changes nothing
     if ckpt is not None:
         start = load_checkpoint(run, ckpt) + 1
+    notify(progress, "start", total, start)
     (out / "rounds.jsonl").write_text("".join(json.dumps(rr.to_json()) + "\n" for rr in run.rounds))
     (out / "config.toml").write_text(dump_toml(cfg))
-    for rnd in range(start, run.strategy.num_rounds(run)):
+    for rnd in range(start, total):
         run.round(run.strategy.plan(run, rnd))
         if cfg.engine.checkpoint_every and (rnd + 1) % cfg.engine.checkpoint_every == 0:
             save_checkpoint(run, rnd)
         check_empty_rounds(run)
     return write_outputs(run, t0)
+
+
+def _finished_summary(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_outputs(run: Run, t0: float, scores: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -77,6 +78,10 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
                           'install the simulation extra: pip install -e ".[simulation]" (or `make install`).')
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.simulation import run_simulation
+
+    from fedmoe.quiet import quiet_flower
+
+    quiet_flower(sys.stderr.isatty())
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

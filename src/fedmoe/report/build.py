@@ -338,7 +338,18 @@ def build_report(paths: Sequence[str | Path], out: str | Path, *, window: int = 
     if not dirs:
         raise ReportError(f"No finished run directory (with summary.json) at or below {', '.join(map(str, paths))}.",
                           "pass directories written by `fedmoe run --out DIR`.")
-    runs = [load_run(d) for d in dirs]
+    runs = []
+    for d in dirs:  # one broken folder must not sink the report: it is named in the notes
+        try:
+            r = load_run(d)
+            if not isinstance(r.summary, dict) or not isinstance(r.summary.get("scores"), dict):
+                raise ReportError(f"{d / 'summary.json'} has no `scores` table.")
+            runs.append(r)
+        except ReportError as exc:
+            notes.append(f"skipped broken run {d}: {str(exc).splitlines()[0]}")
+    if not runs:
+        raise ReportError(f"No readable run directory at or below {', '.join(map(str, paths))} ({'; '.join(notes)}).",
+                          "re-run those cells or pass other directories.")
     groups, gnotes = group_runs(runs)
     notes += gnotes
     out_dir = Path(out)

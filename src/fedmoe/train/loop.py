@@ -101,7 +101,9 @@ class LoadBalance:
             choices, probs = self.family.route_choices(out, top_k)
             n = probs.shape[-1]
             frac = torch.bincount(choices.reshape(-1), minlength=n)[:n].float() / max(choices.numel(), 1)
-            self.terms.append(n * (frac.detach() * probs.mean(0)).sum())
+            term = n * (frac.detach() * probs.mean(0)).sum()  # computed alike when recomputed (checkpointing
+            if torch._C._current_graph_task_id() == -1:  # checks the saved tensors), kept only in a forward
+                self.terms.append(term)
 
         return hook
 
@@ -160,6 +162,10 @@ def local_train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     balance = LoadBalance(model, family)
+    if train_cfg.gradient_checkpointing:
+        from fedmoe.moe.memory.checkpointing import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     model.train()
     step, running = 0, 0.0
     try:

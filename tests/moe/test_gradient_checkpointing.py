@@ -1,0 +1,86 @@
+"""train.gradient_checkpointing: same gradients, a cheaper memory plan, and a run through `fedmoe run`."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedmoe.moe.lora import apply_lora
+from fedmoe.moe.memory.checkpointing import enable_gradient_checkpointing
+from fedmoe.moe.memory.measure import make_batch
+from fedmoe.moe.models import build_tiny
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen2-moe"])
+def test_checkpointing_gives_the_same_loss_and_gradients(name):
+    base = build_tiny(name)
+    batch = make_batch(base, 2, 16)
+    grads = []
+    for ck in (False, True):
+        m = copy.deepcopy(base)
+        if ck:
+            enable_gradient_checkpointing(m)
+        torch.manual_seed(0)  # same LoRA init both times
+        pm = apply_lora(m, 4, 8)
+        pm.train()
+        out = pm(**batch)
+        out.loss.backward()
+        grads.append((out.loss.item(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}))
+        if ck:
+            assert pm.get_base_model().is_activation_checkpointing
+    (l0, g0), (l1, g1) = grads
+    assert l0 == pytest.approx(l1, abs=1e-6)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        torch.testing.assert_close(g0[k], g1[k], atol=1e-6, rtol=1e-5)
+
+
+def test_memory_plan_with_checkpointing_keeps_budgets_and_lowers_costs(shared_data, tmp_path):
+    from fedmoe.config import load_config
+    from fedmoe.engine.budget import plan_memory
+    from fedmoe.moe.families import family_of
+    from fedmoe.moe.memory.checkpointing import checkpointing_saving
+
+    args = [f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", "data.max_seq_len=128"]
+    model = build_tiny("tiny-mixtral")
+    fam = family_of(model)
+    off = plan_memory(model, fam, load_config(REPO / "configs" / "tiny.toml", args), list(range(6)))
+    on = plan_memory(model, fam, load_config(REPO / "configs" / "tiny.toml", [*args, "train.gradient_checkpointing=true"]),
+                     list(range(6)))
+    assert on.table.budgets == off.table.budgets
+    from fedmoe.moe.memory import SMOOTHED_CE_LOSS
+
+    d_saving, e_saving = checkpointing_saving(model, 8, 128, "lora", 8, fam, factors=SMOOTHED_CE_LOSS,
+                                              adam_impl="for-loop")
+    assert d_saving > 0 and (e_saving > 0).all()  # fused LoRA experts: their merged weights leave the units
+    assert off.table.dense_bytes - on.table.dense_bytes == pytest.approx(d_saving)
+    assert (off.table.expert_bytes - on.table.expert_bytes) == pytest.approx(e_saving)
+    assert off.full_bytes - on.full_bytes == pytest.approx(d_saving + e_saving.sum())
+    kept = [[0, 1], [2, 3, 4]]
+    assert on.submodel_bytes(kept) < off.submodel_bytes(kept)
+
+
+def test_fedmoe_run_with_gradient_checkpointing_trains_as_without(shared_data, tmp_path):
+    from fedmoe.cli import app
+
+    losses = {}
+    for ck in ("false", "true"):
+        out = tmp_path / ck
+        # FedAvg with budgets that fit the whole MoE either way: the same clients and models in both
+        # runs (with tight budgets the cheaper plan changes which experts are kept, as it should);
+        # 2 local steps: the load-balance hook must ignore the layers recomputed in backward
+        sets = [f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", 'algorithm="fedavg"',
+                "fedmoe.rounds=2", "setting.budget_low=2.0", "setting.budget_high=3.0", "train.max_local_steps=2", "engine.measure_memory=false",
+                f"train.gradient_checkpointing={ck}"]
+        res = CliRunner().invoke(app, ["run", str(REPO / "configs" / "tiny.toml"), "--out", str(out),
+                                       *[a for s in sets for a in ("--set", s)]])
+        assert res.exit_code == 0, res.output
+        rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+        assert all(not c.get("error") and c["steps"] == 2 for r in rounds for c in r["clients"]), rounds
+        losses[ck] = [c["loss"] for r in rounds for c in r["clients"]]
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
