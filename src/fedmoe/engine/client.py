@@ -83,6 +83,12 @@ def global_p(stats: RoutingStats, expert_map: ExpertMap) -> np.ndarray:
     return out
 
 
+def _eos_id(tok: Any) -> int:
+    """The end-of-sequence id generation stops at (as :func:`fedmoe.train.evaluate.evaluate` uses)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return tok.eos_token_id if tok.eos_token_id is not None else pad
+
+
 def main_metric(task: Any, scores: dict[str, float]) -> float:
     return float(scores.get(task.metric, 0.0))
 
@@ -121,8 +127,7 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
                                        ctx.cfg.train, ctx.cfg.data, ctx.device, seed, hooks)
         extra_up = extra_up_fn(model, extra_down, res) if extra_up_fn else None
         inner = model.base_model.model if hasattr(model, "peft_config") else model
-        with RoutingStats(inner, ctx.family) as stats:
-            stats.token_masks = []
+        with RoutingStats(inner, ctx.family, eos_token_id=_eos_id(ctx.tokenizer)) as stats:
             scores = _validate(ctx, model, task, client, stats)
         deadline.check()
         if fault == "raise":
