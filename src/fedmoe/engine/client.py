@@ -20,6 +20,7 @@ from fedmoe.engine.node_plans import ClientStore, NodeTurn, SlotStore, build_nod
 from fedmoe.engine.payload import from_bytes, to_bytes
 from fedmoe.engine.trainables import Trainables
 from fedmoe.moe.families import MoEFamily
+from fedmoe.moe.memory import tensor_bytes
 from fedmoe.moe.routing import RoutingStats
 from fedmoe.moe.slicing import ExpertMap, SubMoE
 from fedmoe.train.evaluate import evaluate
@@ -134,7 +135,11 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
             raise InjectedFault(f"injected fault: the client raised after training (fault `{fault}`)")
         return model, res, scores, global_p(stats, sub.expert_map), extra_up
 
+    # the sub-MoE's weights are part of the turn's memory (docs/memory.md); on CPU they already
+    # exist when the measurement starts (on CUDA, `.to(device)` inside it counts them)
+    held = tensor_bytes(sub.model) if ctx.device.type == "cpu" else 0
     (model, res, scores, p, extra_up), peak = measure(work)
+    peak = peak + held if peak else 0
     trainables.keep_personal(model)
     state = {k: v.cpu() for k, v in trainables.upload_state(model, client.task).items()}
     if fault:

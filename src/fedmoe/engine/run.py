@@ -140,9 +140,9 @@ class Run:
     def _measure(self, fn: Any) -> tuple[Any, int]:
         if not self.cfg.engine.measure_memory:
             return fn(), 0
-        from fedmoe.moe.memory import measure_peak
+        from fedmoe.moe.memory import measure_client_turn
 
-        return measure_peak(fn)
+        return measure_client_turn(fn, self.device)
 
     def p_by_task(self) -> dict[str, list]:
         """Mean activation probabilities per task over clients' latest reports (Figure 1)."""
