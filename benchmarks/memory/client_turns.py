@@ -39,6 +39,8 @@ def _sizes(name: str) -> list[tuple[int, int]]:
 
 
 def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int) -> list[dict]:
+    import json
+
     import torch
 
     from fedmoe.config import load_config
@@ -70,6 +72,8 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
                     raise RuntimeError(f"{name} {task}: {rec.error}")
                 rows.append(dict(model=name, task=task, B=b, S=s, kept=k, predicted=rec.predicted_memory_bytes,
                                  measured=rec.peak_memory_bytes, seconds=time.perf_counter() - t0))
+                with (Path(tmp) / "rows.jsonl").open("a") as f:  # as measured (a long run can be followed)
+                    f.write(json.dumps(rows[-1]) + "\n")
     return rows
 
 
