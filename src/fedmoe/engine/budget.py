@@ -22,7 +22,7 @@ from fedmoe.moe.slicing import layout_of
 
 
 def _unit_training_bytes(model: nn.Module, family: MoEFamily, batch_size: int, seq_len: int, finetune: str,
-                         lora_r: int) -> tuple[float, np.ndarray]:
+                         lora_r: int, target_len: int | None = None) -> tuple[float, np.ndarray]:
     """Additive training bytes: weights + (grad + 2 AdamW states) of what trains + activations.
 
     Uses :func:`fedmoe.moe.memory.unit_training_bytes` when available.
@@ -31,7 +31,7 @@ def _unit_training_bytes(model: nn.Module, family: MoEFamily, batch_size: int, s
         from fedmoe.moe import memory
 
         return memory.unit_training_bytes(model, family, batch_size=batch_size, seq_len=seq_len,
-                                          finetune=finetune, lora_r=lora_r)
+                                          finetune=finetune, lora_r=lora_r, target_len=target_len)
     except (ImportError, AttributeError):
         pass
     state = model.state_dict()
@@ -62,6 +62,7 @@ def plan_memory(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig, clie
     dense, experts = _unit_training_bytes(
         model, family, batch_size=cfg.train.batch_size, seq_len=cfg.data.max_seq_len,
         finetune=cfg.train.finetune, lora_r=cfg.train.lora_r,
+        target_len=cfg.data.max_target_len,  # encoder-decoder targets (decoder tokens); ignored otherwise
     )
     experts = np.asarray(experts, dtype=np.float64)
     full = float(dense + experts.sum())
