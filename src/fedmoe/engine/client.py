@@ -19,6 +19,7 @@ from fedmoe.engine.node_plans import ClientStore, NodeTurn, SlotStore, build_nod
 from fedmoe.engine.payload import from_bytes, from_wire, to_bytes, to_wire
 from fedmoe.engine.protocols import ClientContext
 from fedmoe.engine.trainables import Trainables
+from fedmoe.moe.memory import tensor_bytes
 from fedmoe.moe.routing import RoutingStats
 from fedmoe.moe.slicing import ExpertMap, SubMoE
 from fedmoe.train.evaluate import evaluate, evaluate_with_predictions
@@ -72,6 +73,12 @@ def global_p(stats: RoutingStats, expert_map: ExpertMap) -> np.ndarray:
     return out
 
 
+def _eos_id(tok: Any) -> int:
+    """The end-of-sequence id generation stops at (as :func:`fedmoe.train.evaluate.evaluate` uses)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return tok.eos_token_id if tok.eos_token_id is not None else pad
+
+
 def main_metric(task: Any, scores: dict[str, float]) -> float:
     return float(scores.get(task.metric, 0.0))
 
@@ -110,15 +117,18 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
                                        ctx.cfg.train, ctx.cfg.data, ctx.device, seed, hooks)
         extra_up = extra_up_fn(model, extra_down, res) if extra_up_fn else None
         inner = model.base_model.model if hasattr(model, "peft_config") else model
-        with RoutingStats(inner, ctx.family) as stats:
-            stats.token_masks = []
+        with RoutingStats(inner, ctx.family, eos_token_id=_eos_id(ctx.tokenizer)) as stats:
             scores = _validate(ctx, model, task, client, stats)
         deadline.check()
         if fault == "raise":
             raise InjectedFault(f"injected fault: the client raised after training (fault `{fault}`)")
         return model, res, scores, global_p(stats, sub.expert_map), extra_up
 
+    # the sub-MoE's weights are part of the turn's memory (docs/memory.md); on CPU they already
+    # exist when the measurement starts (on CUDA, `.to(device)` inside it counts them)
+    held = tensor_bytes(sub.model) if ctx.device.type == "cpu" else 0
     (model, res, scores, p, extra_up), peak = measure(work)
+    peak = peak + held if peak else 0
     trainables.keep_personal(model)
     state = {k: v.cpu() for k, v in trainables.upload_state(model, client.task).items()}
     if fault:

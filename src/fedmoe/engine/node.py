@@ -76,9 +76,9 @@ def measure_fn(cfg: ExperimentConfig) -> Callable[[Callable[[], Any]], tuple[Any
     def measure(fn: Callable[[], Any]) -> tuple[Any, int]:
         if not cfg.engine.measure_memory:
             return fn(), 0
-        from fedmoe.moe.memory import measure_peak
+        from fedmoe.moe.memory import measure_client_turn
 
-        return measure_peak(fn)
+        return measure_client_turn(fn, pick_device(cfg.engine.device))
 
     return measure
 

@@ -23,6 +23,13 @@ class ClientRecord:
     num_experts: int
     steps: int
     error: str = ""
+    #: the turn used more than its budget: measured peak > budget_bytes (predicted, when memory
+    #: is not measured: ``engine.measure_memory = false`` or a failed turn)
+    over_budget: bool = False
+
+    def judge_budget(self) -> None:
+        used = self.peak_memory_bytes or self.predicted_memory_bytes
+        self.over_budget = bool(self.budget_bytes) and used > self.budget_bytes
 
 
 @dataclass

@@ -156,9 +156,9 @@ class Run:
     def _measure(self, fn: Any) -> tuple[Any, int]:
         if not self.cfg.engine.measure_memory:
             return fn(), 0
-        from fedmoe.moe.memory import measure_peak
+        from fedmoe.moe.memory import measure_client_turn
 
-        return measure_peak(fn)
+        return measure_client_turn(fn, self.device)
 
     def p_by_task(self) -> dict[str, list]:
         """Mean activation probabilities per task over clients' latest reports (Figure 1)."""
@@ -194,6 +194,8 @@ class Run:
         ``records`` holds every sampled client (failed ones with ``error``); ``updates`` and
         ``replies`` only the successful ones, in ``plan.sampled`` order.
         """
+        for rec in records:
+            rec.judge_budget()
         if updates:
             self.strategy.aggregate(self, plan, updates, replies)
         extra = self.strategy.after_round(self, plan, replies)
@@ -356,6 +358,7 @@ def write_outputs(run: Run, t0: float, scores: dict[str, dict[str, float]] | Non
     if extras:
         summary.update(extras())
     summary["failed_client_turns"] = sum(1 for rr in run.rounds for c in rr.clients if c.error)
+    summary["over_budget_turns"] = sum(1 for rr in run.rounds for c in rr.clients if c.over_budget)
     summary["wall_time_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
     if run.predictions:

@@ -4,13 +4,20 @@ Forward hooks on every router count, per MoE layer i and expert j, the tokens ro
 j — each of a token's top-k choices counts once — and the router probability mass. Then
 ``p[i, j] = n_{i,j} / (k_i · N_i)``, so each row sums to 1.
 
-Padding tokens are excluded when a token mask is given (``collector.token_masks``): the
-mask whose size matches the router's token count is used (encoder and decoder masks of
-encoder-decoder models differ in length).
+Only real tokens count. Each MoE layer belongs to a *stack* (the decoder-only model's body,
+or the encoder / the decoder of an encoder-decoder model, or BERT-MoE's encoder): the
+highest submodule above it whose ``forward`` takes ``input_ids`` and ``attention_mask``. A
+pre-forward hook on every stack reads that forward's own ``attention_mask`` (the last ``q``
+columns for ``q`` new tokens after a KV cache) and the routers inside use it, so encoder and
+decoder masks never mix. During generation (a stack's forward with a non-empty cache) a
+sequence stops counting once ``eos_token_id`` has been fed back to the model: the steps
+``generate`` still runs for finished sequences of a batch are not counted, so p does not
+depend on the evaluation batch size.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,10 +28,35 @@ from torch import nn
 from fedmoe.moe.families import MoEFamily, family_of
 
 
-class RoutingStats:
-    """Context manager that collects routing counts over any number of forward passes."""
+def _stack_path(model: nn.Module, block_path: str) -> str:
+    """The highest proper ancestor of ``block_path`` whose forward takes ``input_ids`` and
+    ``attention_mask``; ``""`` (the model itself) when there is none."""
+    parts = block_path.split(".")
+    for n in range(1, len(parts)):
+        path = ".".join(parts[:n])
+        params = inspect.signature(model.get_submodule(path).forward).parameters
+        if "input_ids" in params and "attention_mask" in params:
+            return path
+    return ""
 
-    def __init__(self, model: nn.Module, family: MoEFamily | None = None) -> None:
+
+def _past_length(kwargs: dict[str, Any]) -> int:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    return int(cache.get_seq_length())
+
+
+class RoutingStats:
+    """Context manager that collects routing counts over any number of forward passes.
+
+    ``eos_token_id``: the id that ends a generated sequence (default: the model's generation
+    config's); ``token_masks`` (legacy, optional): masks to use for forwards of a stack that
+    gets no ``attention_mask``, matched by size.
+    """
+
+    def __init__(self, model: nn.Module, family: MoEFamily | None = None,
+                 eos_token_id: int | list[int] | None = None) -> None:
         self.model = model
         self.family = family or family_of(model)
         self.blocks = self.family.blocks(model)
@@ -33,9 +65,19 @@ class RoutingStats:
         self.mass = np.zeros_like(self.counts)
         self.tokens = np.zeros(len(self.blocks), dtype=np.float64)
         self.token_masks: list[torch.Tensor] = []
+        if eos_token_id is None:
+            gen = getattr(model, "generation_config", None)
+            eos_token_id = getattr(gen, "eos_token_id", None)
+        self.eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        self._stacks = {info.index: _stack_path(model, info.path) for info in self.blocks}
+        self._masks: dict[str, torch.Tensor | None] = {}  # stack → token mask of its current forward
+        self._finished: dict[str, torch.Tensor] = {}  # stack → rows whose generation has ended
         self._handles: list[Any] = []
 
     def __enter__(self) -> RoutingStats:
+        for path in sorted(set(self._stacks.values())):
+            stack = self.model.get_submodule(path) if path else self.model
+            self._handles.append(stack.register_forward_pre_hook(self._stack_hook(path, stack), with_kwargs=True))
         for info in self.blocks:
             router = self.family.router(self.model.get_submodule(info.path))
             self._handles.append(router.register_forward_hook(self._hook(info.index, info.num_experts, info.top_k)))
@@ -45,20 +87,66 @@ class RoutingStats:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._masks.clear()
+        self._finished.clear()
 
-    def _mask_for(self, n_tokens: int) -> torch.Tensor | None:
+    def _stack_hook(self, path: str, stack: nn.Module):
+        sig = inspect.signature(stack.forward)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            try:
+                bound = dict(sig.bind_partial(*args, **kwargs).arguments)
+            except TypeError:
+                bound = dict(kwargs)
+            bound.update(bound.pop("kwargs", {}) or {})
+            self._masks[path] = self._stack_mask(path, bound)
+
+        return hook
+
+    def _stack_mask(self, path: str, kw: dict[str, Any]) -> torch.Tensor | None:
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        shape_of = ids if isinstance(ids, torch.Tensor) else embeds
+        if not isinstance(shape_of, torch.Tensor) or shape_of.dim() < 2:
+            return None
+        b, q = shape_of.shape[:2]
+        am = kw.get("attention_mask")
+        if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[0] == b and am.shape[1] >= q:
+            mask = am[:, am.shape[1] - q:].bool()
+        else:
+            mask = torch.ones(b, q, dtype=torch.bool, device=shape_of.device)
+        if _past_length(kw) == 0:  # a fresh forward (training, scoring, a generation's prefill)
+            self._finished[path] = torch.zeros(b, dtype=torch.bool, device=mask.device)
+        elif isinstance(ids, torch.Tensor) and self.eos:
+            done = self._finished.get(path)
+            if done is None or done.shape[0] != b:
+                done = torch.zeros(b, dtype=torch.bool, device=mask.device)
+            eos = torch.tensor(self.eos, device=ids.device)
+            done = done | torch.isin(ids, eos).any(dim=1).to(done.device)
+            self._finished[path] = done
+            mask = mask & ~done[:, None]
+        return mask
+
+    def _legacy_mask(self, n_tokens: int) -> torch.Tensor | None:
         for m in self.token_masks:
             if m.numel() == n_tokens:
                 return m.reshape(-1).bool()
         return None
 
     def _hook(self, layer: int, n_exp: int, top_k: int):
+        stack = self._stacks[layer]
+
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
             with torch.no_grad():
                 choices, probs = self.family.route_choices(out, top_k)
-                mask = self._mask_for(probs.shape[0])
+                mask = self._masks.get(stack)
+                if mask is None or mask.numel() != probs.shape[0]:
+                    if mask is not None and not self.token_masks:
+                        raise RuntimeError(
+                            f"RoutingStats: layer {layer} routed {probs.shape[0]} tokens but its stack "
+                            f"`{stack or 'model'}` had {mask.numel()}; cannot tell real tokens from padding.")
+                    mask = self._legacy_mask(probs.shape[0])
                 if mask is not None:
-                    mask = mask.to(probs.device)
+                    mask = mask.reshape(-1).to(probs.device)
                     choices, probs = choices[mask], probs[mask]
                 counts = torch.bincount(choices.reshape(-1), minlength=n_exp)[:n_exp]
                 self.counts[layer, :n_exp] += counts.double().cpu().numpy()
@@ -84,6 +172,5 @@ def activation_probabilities(
     model.eval()
     with RoutingStats(model, family) as stats, torch.no_grad():
         for batch in batches:
-            stats.token_masks = [m for k, m in batch.items() if k.endswith("attention_mask")]
             model(**batch)
     return stats.p()

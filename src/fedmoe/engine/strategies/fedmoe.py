@@ -1,5 +1,14 @@
 """FedMoE (and randomMoE) on the engine: stage 1, then Algorithm 1 (docs/algorithms.md §1, §2.4).
 
+Stage 1 measures p on **every** memory-rich client (budget ≥ the full MoE + LoRA): it lasts
+``max(fedmoe.stage1_rounds, ⌈n_rich / per_round⌉)`` rounds (``per_round`` =
+``min(setting.clients_per_round, n_rich)``); each round takes memory-rich clients that have not
+reported yet first — in the order the setting's sampler draws them, then the others in a seeded
+order — and fills any remaining places with ones that have. While no client has reported p
+(every stage-1 turn failed), further rounds stay in stage 1 (taking rounds from stage 2);
+``engine.max_empty_rounds`` stops such a run with a one-line message and a checkpoint from
+which ``fedmoe run --resume`` repeats stage 1.
+
 ``random_moe`` = random initial sets under the same budget rule, no recommendation; the
 FedMoE ablations are the switches ``fedmoe.stage1`` and ``fedmoe.stage2_adjust``.
 """
@@ -12,7 +21,7 @@ import numpy as np
 
 from fedmoe.algorithms import fedmoe as algo
 from fedmoe.engine.strategies.base import RoundPlan, Strategy
-from fedmoe.errors import ConfigError
+from fedmoe.errors import ConfigError, RunStopped
 
 if TYPE_CHECKING:
     from fedmoe.engine.protocols import RunView as Run
@@ -30,7 +39,11 @@ class FedMoEStrategy(Strategy):
 
     # -- rounds --------------------------------------------------------------------------
     def _stage1_rounds(self, run: Run) -> int:
-        return 0 if self.random_init else run.cfg.fedmoe.stage1_rounds
+        if self.random_init:
+            return 0
+        n_rich = len(self._sufficient(run))
+        per_round = max(1, min(run.cfg.setting.clients_per_round, n_rich))
+        return max(run.cfg.fedmoe.stage1_rounds, -(-n_rich // per_round))
 
     def num_rounds(self, run: Run) -> int:
         return self._stage1_rounds(run) + run.cfg.fedmoe.rounds
@@ -49,10 +62,9 @@ class FedMoEStrategy(Strategy):
 
     def plan(self, run: Run, rnd: int) -> RoundPlan:
         r1 = self._stage1_rounds(run)
-        if rnd < r1:  # stage 1: sufficient-memory clients fine-tune the full MoE with LoRA
-            sufficient = self._sufficient(run)
-            per_round = min(run.cfg.setting.clients_per_round, len(sufficient))
-            sampled = sorted(self.round_rng(run, rnd).choice(sufficient, size=per_round, replace=False).tolist())
+        if rnd < r1 or (not self.random_init and not self.reports):
+            # stage 1: memory-rich clients fine-tune the full MoE with LoRA and report p
+            sampled = self._stage1_sample(run, rnd)
             full = [list(range(n)) for n in run.plan.num_experts]
             return RoundPlan(rnd, 1, sampled, {cid: full for cid in sampled})
         if not self.state.expert_sets and not self.state.excluded:
@@ -61,6 +73,18 @@ class FedMoEStrategy(Strategy):
         sampled = [c for c in drawn if c in self.state.expert_sets]
         skipped = {c: self.state.excluded[c] for c in drawn if c in self.state.excluded}
         return RoundPlan(rnd, 2, sampled, self.state.expert_sets, skipped)
+
+    def _stage1_sample(self, run: Run, rnd: int) -> list[int]:
+        """Memory-rich clients of a stage-1 round: unreported ones first (sampler's draw, then a
+        seeded order), remaining places filled with reported ones (same order)."""
+        rich = self._sufficient(run)
+        per_round = min(run.cfg.setting.clients_per_round, len(rich))
+        rng = self.round_rng(run, rnd)
+        drawn = [c for c in run.fed.sample_clients(rnd, rng) if c in rich]
+        rest = [int(c) for c in rng.permutation(rich) if c not in drawn]
+        order = drawn + rest
+        todo = [c for c in order if c not in self.reports] + [c for c in order if c in self.reports]
+        return sorted(todo[:per_round])
 
     def _initial_sets(self, run: Run) -> None:
         """Stage 1 steps 2–4: predict p for the others, θ search (or random sets)."""
@@ -94,6 +118,11 @@ class FedMoEStrategy(Strategy):
         return {"actions": events, "theta": {c: self.state.theta[c] for c in plan.sampled if c in self.state.theta}}
 
     def final_sets(self, run: Run) -> dict[int, list[list[int]]]:
+        if not self.random_init and not self.reports:
+            raise RunStopped(
+                "FedMoE's stage 1 never got a memory-rich client's p: every stage-1 turn failed.",
+                f"see {run.out / 'rounds.jsonl'} and client_errors.log; fix the cause and continue with "
+                f"`fedmoe run --resume {run.out}` (stage 1 is repeated).")
         return dict(sorted(self.state.expert_sets.items()))
 
     def summary_extras(self) -> dict[str, Any]:

@@ -124,6 +124,48 @@ def measure_peak(fn: Callable[[], T], device: str | torch.device | None = "auto"
     return result, max(0, _ru_maxrss_bytes() - before_max)
 
 
+_MMAP_SET: list[bool] = []
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers, each storage counted once."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.numel() == 0:
+            continue
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def measure_client_turn(fn: Callable[[], T], device: str | torch.device | None = "auto") -> tuple[T, int]:
+    """``(fn(), peak_bytes)`` for one client turn, on the basis client budgets ``M_k`` are stated in
+    (docs/memory.md): the memory the turn adds to its process at its peak.
+
+    * CPU: large allocations are served by their own mappings (:func:`use_mmap_for_large_allocations`,
+      set once for the process), so freed tensors leave RSS at once and the VmHWM peak follows
+      the live tensors plus allocator and runtime overheads; then :func:`measure_peak`.
+    * CUDA: ``torch.cuda.empty_cache()``, then the peak of ``max_memory_reserved`` above the
+      reserved bytes before — what the caching allocator took from the device, its free-block
+      slack included (allocated bytes alone would miss it).
+    """
+    dev = _resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        result = fn()
+        torch.cuda.synchronize(dev)
+        return result, max(0, torch.cuda.max_memory_reserved(dev) - before)
+    if not _MMAP_SET:
+        _MMAP_SET.append(use_mmap_for_large_allocations())
+    return measure_peak(fn, dev)
+
+
 def _ru_maxrss_bytes() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS: bytes, Linux: KiB

@@ -1,0 +1,135 @@
+"""Predicted vs measured memory of real client turns, on the engine's own path.
+
+For each model, (batch, sequence) size and number of kept experts per MoE layer (2, 4, all):
+build the engine's :class:`~fedmoe.engine.run.Run` (real data, the configured LoRA fine-tuning)
+and run one client turn per task in ``--tasks`` (``Run._client``: extraction, download, local
+training, validation) with ``engine.measure_memory`` on. *predicted* is what the θ search prices that
+sub-MoE at (``run.plan.submodel_bytes``); *measured* is the turn's ``peak_memory_bytes`` on
+the basis budgets are stated in (docs/memory.md: the sub-MoE's weights + the peak the turn adds
+to its process; CPU: VmHWM, large allocations mmapped). Each model runs in a fresh process
+with one unrecorded warm-up turn first (lazy imports, kernel and thread-pool set-up).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory/client_turns.py          # all models
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory/client_turns.py --models minilm-moe-4e
+    ... --jobs 2      # models in parallel (each in its own fresh process)
+
+Writes ``benchmarks/memory/client_turns.md`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+MiB = 2**20
+MODELS = ["minilm-moe-4e", "minilm-moe-8e", "smollm2-moe-4e", "tiny-mixtral", "tiny-switch-transformers"]
+#: (batch size, max sequence length) per model: the quickstart's size and a second one
+SIZES = {"minilm": [(16, 96), (8, 192)], "smollm2": [(4, 96), (2, 192)], "tiny": [(8, 64), (16, 128)]}
+
+
+def _sizes(name: str) -> list[tuple[int, int]]:
+    return SIZES["minilm" if name.startswith("minilm") else "smollm2" if name.startswith("smollm2") else "tiny"]
+
+
+def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int) -> list[dict]:
+    import json
+
+    import torch
+
+    from fedmoe.config import load_config
+    from fedmoe.engine.run import Run
+
+    torch.set_num_threads(1)
+    rows = []
+    for b, s in _sizes(name):
+        cfg = load_config(REPO / "configs" / "quickstart.toml", [
+            f'data.data_dir="{data_dir}"', f'model.name="{name}"', "data.max_examples_per_task=96",
+            f"data.max_seq_len={s}", "data.max_target_len=16", f"train.batch_size={b}", f"train.max_local_steps={steps}",
+            "train.eval_batch_size=8", "engine.measure_memory=true", "setting.num_clients=3",
+            'setting.preset="standard-hetero-t"', "setting.clients_per_round=3",
+        ])
+        out = Path(tmp) / f"{name}-{b}x{s}"
+        out.mkdir(parents=True)
+        run = Run(cfg, out)
+        run._base_bytes = lambda cid, kept: 0  # byte accounting is not measured here
+        n = run.plan.num_experts
+        by_task = {run.clients[c].task: c for c in sorted(run.clients)}
+        full = [list(range(e)) for e in n]
+        run._client(by_task["tc"], full, 1, 0)  # warm-up, unrecorded
+        for k in sorted({min(2, max(n)), min(4, max(n)), max(n)}):
+            kept = [list(range(min(k, e))) for e in n]
+            for task, cid in sorted((t, c) for t, c in by_task.items() if t in tasks):
+                t0 = time.perf_counter()
+                rec, _, _ = run._client(cid, kept, 1, 0)
+                if rec.error:
+                    raise RuntimeError(f"{name} {task}: {rec.error}")
+                rows.append(dict(model=name, task=task, B=b, S=s, kept=k, predicted=rec.predicted_memory_bytes,
+                                 measured=rec.peak_memory_bytes, seconds=time.perf_counter() - t0))
+                with (Path(tmp) / "rows.jsonl").open("a") as f:  # as measured (a long run can be followed)
+                    f.write(json.dumps(rows[-1]) + "\n")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--out", default=str(HERE / "client_turns.md"))
+    ap.add_argument("--tmp", default="/tmp/fedmoe-client-turns")
+    ap.add_argument("--tasks", nargs="*", default=["tc", "rc", "ts"])
+    ap.add_argument("--steps", type=int, default=2, help="local steps per turn (the 2nd is the steady state)")
+    ap.add_argument("--jobs", type=int, default=1, help="models measured at the same time (memory is per process)")
+    args = ap.parse_args(argv)
+    import torch
+
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    # a fresh process per model: clean VmHWM, no memory of other models
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        futures = [pool.submit(_model_rows, n, args.data_dir, args.tmp, args.tasks, args.steps) for n in args.models]
+        results = [f.result() for f in futures]
+    for got in results:
+        for r in got:
+            r["ratio"] = r["predicted"] / r["measured"]
+            print(f"{r['model']:26s} {r['task']} B{r['B']:<3d} S{r['S']:<4d} kept {r['kept']:2d}  predicted "
+                  f"{r['predicted'] / MiB:8.1f} MiB  measured {r['measured'] / MiB:8.1f} MiB  ratio {r['ratio']:.3f}",
+                  flush=True)
+        rows += got
+    took = time.perf_counter() - t0
+    lines = [
+        "# Client turns: predicted vs measured memory",
+        "",
+        "Generated by `" + " ".join(["OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory/client_turns.py",
+                                       *(["--models", *args.models] if args.models != MODELS else []),
+                                       *(["--tasks", *args.tasks] if args.tasks != ["tc", "rc", "ts"] else []),
+                                       *([f"--jobs {args.jobs}"] if args.jobs > 1 else [])]) + "`",
+        f"(torch {torch.__version__}, {platform.machine()}, Python {platform.python_version()}, 1 thread, CPU, "
+        f"{took / 60:.1f} min, on a shared machine). One client turn per task through `Run._client` ({args.steps} local steps, LoRA r = 8, "
+        "eval batch 8); *predicted* = `run.plan.submodel_bytes(kept)`, the price the θ search and the "
+        "budgets use; *measured* = the turn's `peak_memory_bytes` (docs/memory.md). Ratio = predicted / measured.",
+        "",
+        "| model | task | B | S | experts/layer | predicted MiB | measured MiB | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['task']} | {r['B']} | {r['S']} | {r['kept']} | {r['predicted'] / MiB:.1f} "
+                     f"| {r['measured'] / MiB:.1f} | {r['ratio']:.3f} |")
+    lines.append("")
+    for name in dict.fromkeys(r["model"] for r in rows):
+        rs = [r["ratio"] for r in rows if r["model"] == name]
+        lines.append(f"* {name}: ratio {min(rs):.3f} – {max(rs):.3f} over {len(rs)} turns; "
+                     f"{sum(r['measured'] > r['predicted'] for r in rows if r['model'] == name)} measured above predicted.")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out} ({took / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
