@@ -19,15 +19,16 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: package layers, low to high: a module may import its own package and lower layers only
 LAYERS: dict[str, int] = {
+    "fedmoe": -1,  # the package itself (__version__, process policy): importable from anywhere
     "errors": 0,
-    "faultspec": 1,
+    "faultspec": 1, "quiet": 1,
     "core": 2,
     "algorithms": 3,  # its __init__ holds the algorithm registry, which config reads
     "config": 4,
     "data": 5, "moe": 5,
     "train": 6,
-    "engine": 7, "report": 7,
-    "flower": 8,
+    "engine": 7, "report": 7, "outdir": 7, "progress": 7,
+    "flower": 8, "export": 8,
     "cli": 9, "__main__": 9,
 }
 #: third-party packages the pure layers must not import (model code, adapters, transport)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import warnings
 
-from fedmoe.quiet import filter_upstream_warnings, quiet_flower
+from fedmoe.flower.logs import quiet_flower
+from fedmoe.quiet import filter_upstream_warnings
 
 
 def _warnings_of_wrapping(filtered: bool) -> list[str]:
@@ -38,7 +39,10 @@ def test_flower_logs_once_without_colour_or_deprecation_notice(capfd):
     root.addHandler(extra)
     saved = (FLOWER_LOGGER.propagate, list(FLOWER_LOGGER.filters),
              [(h, list(h.filters), getattr(h, "colored", None), h.level) for h in FLOWER_LOGGER.handlers])
-    try:
+    import sys
+
+    streams = [(h, h.setStream(sys.stderr)) for h in FLOWER_LOGGER.handlers if isinstance(h, logging.StreamHandler)]
+    try:  # (the handlers' streams point at this test's stderr: an earlier test may have left them elsewhere)
         quiet_flower(stream_is_tty=False)
         warn_deprecated_feature("The `run_simulation` function is deprecated and will be removed")
         log(logging.INFO, "[fedmoe] round 0 done")
@@ -48,6 +52,8 @@ def test_flower_logs_once_without_colour_or_deprecation_notice(capfd):
     finally:
         root.removeHandler(extra)
         FLOWER_LOGGER.propagate, FLOWER_LOGGER.filters = saved[0], saved[1]
+        for h, stream in streams:
+            h.setStream(stream)
         for h, filters, colored, level in saved[2]:
             h.filters, h.level = filters, level
             if colored is not None:

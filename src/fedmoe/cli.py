@@ -9,11 +9,13 @@ error: one line and exit 1. ``--debug`` adds the traceback (never with local var
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -56,20 +58,39 @@ def _handle(exc: BaseException) -> int:
 
 
 class _App(typer.Typer):
-    """Typer app whose every command goes through :func:`_handle`."""
+    """Typer app whose every command goes through :func:`_handle` — however it is invoked (the console
+    script, ``python -m fedmoe.cli``, or click's test runner, which calls the commands directly)."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+
+        def wrap(fn):
+            @functools.wraps(fn)
+            def guarded(*a, **kw):
+                try:
+                    return fn(*a, **kw)
+                except (SystemExit, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                    raise
+                except BaseException as exc:  # noqa: BLE001 — the one top-level policy
+                    raise typer.Exit(_handle(exc)) from None
+
+            register(guarded)
+            return fn
+
+        return wrap
 
     def __call__(self, *args, **kwargs):
         try:
             return super().__call__(*args, **kwargs)
         except SystemExit:
             raise
-        except BaseException as exc:  # noqa: BLE001 — the one top-level policy
+        except BaseException as exc:  # noqa: BLE001 — errors outside a command (e.g. the callback)
             sys.exit(_handle(exc))
 
 
 app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
            help="Personalised federated fine-tuning of MoE LMs.")
-data_app = typer.Typer(no_args_is_help=True, help="Inspect data partitions.")
+data_app = _App(no_args_is_help=True, pretty_exceptions_enable=False, help="Inspect data partitions.")
 app.add_typer(data_app, name="data")
 console = Console()
 err = Console(stderr=True)
@@ -91,9 +112,10 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks fo
                                                help="Print the version and exit.")] = False) -> None:
     DEBUG["on"] = debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fedmoe.quiet import quiet_cli
+    from fedmoe.quiet import notices_as_lines, quiet_cli
 
     quiet_cli()
+    notices_as_lines()
 
 
 def _fail(exc: FedMoEError) -> None:
@@ -229,9 +251,10 @@ def describe(
 ) -> None:
     """A table per client: task, split sizes, label/cluster histogram, budget; and totals."""
     from fedmoe.data.describe import describe_command
+    from fedmoe.engine.budget import attach_budgets
 
     try:
-        describe_command(str(config) if config else None, set_ or [])
+        describe_command(str(config) if config else None, set_ or [], attach_budgets)
     except FedMoEError as exc:
         _fail(exc)
 

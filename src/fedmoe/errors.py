@@ -34,3 +34,8 @@ class BudgetError(FedMoEError):
 
 class RunStopped(FedMoEError):
     """The run stopped on purpose (e.g. too many empty rounds); its outputs so far are kept."""
+
+
+class DataNotice(UserWarning):
+    """Something about the data the user should know that is not an error (e.g. unusable rows dropped,
+    counted); the CLI prints it as one ``note: …`` line."""

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 #: (message regex, category, module regex) of upstream warnings a fedmoe user cannot act on
@@ -24,35 +25,9 @@ UPSTREAM_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (r"Tip: In future versions of Ray", FutureWarning, r"ray\."),
 )
 
-#: Flower log records a fedmoe user cannot act on (substrings of the message)
-FLOWER_NOISE = ("The `run_simulation` function is deprecated",)
-
-
 def filter_upstream_warnings() -> None:
     for message, category, module in UPSTREAM_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-
-
-class _DropFlowerNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not any(n in msg for n in FLOWER_NOISE)
-
-
-def quiet_flower(stream_is_tty: bool) -> None:
-    """Flower's logger for an in-process simulation: INFO, each record once (not again through
-    the root logger), no colour codes unless the stream is a terminal, and without the
-    deprecation notice of ``run_simulation`` (the only in-process simulation API of flwr 1.x;
-    ``flwr run`` is the supported path for deployments, see docs/deploy.md)."""
-    from flwr.common.logger import FLOWER_LOGGER, update_console_handler
-
-    update_console_handler(level=logging.INFO, colored=stream_is_tty)
-    FLOWER_LOGGER.propagate = False
-    if not any(isinstance(f, _DropFlowerNoise) for f in FLOWER_LOGGER.filters):
-        FLOWER_LOGGER.addFilter(_DropFlowerNoise())
-    for h in FLOWER_LOGGER.handlers:
-        if not any(isinstance(f, _DropFlowerNoise) for f in h.filters):
-            h.addFilter(_DropFlowerNoise())
 
 
 def quiet_cli() -> None:
@@ -79,3 +54,20 @@ def quiet_cli() -> None:
         pass
     for name in ("peft", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _show_notices(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    from fedmoe.errors import DataNotice
+
+    if issubclass(category, DataNotice):
+        print(f"note: {message}", file=sys.stdout, flush=True)  # stderr is for errors
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
+def notices_as_lines() -> None:
+    """Print fedmoe's own data notices (e.g. unusable rows dropped) as one ``note: …`` line each."""
+    warnings.showwarning = _show_notices

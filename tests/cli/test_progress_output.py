@@ -39,10 +39,10 @@ def test_non_tty_run_prints_one_line_per_round_and_writes_logs(shared_data, tmp_
     assert "Warning" not in text and "warn" not in text.lower()
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     lines = [m for m in map(LINE.match, p.stdout.splitlines()) if m]
-    assert len(lines) == len(rounds) == 3
+    assert len(lines) == len(rounds) >= 3  # stage 1 (until every memory-rich client reported) + 2
     for k, (m, rr) in enumerate(zip(lines, rounds, strict=True)):
         ok = [c for c in rr["clients"] if not c.get("error")]
-        assert (int(m[1]), int(m[2]), int(m[3])) == (k + 1, 3, rr["stage"])
+        assert (int(m[1]), int(m[2]), int(m[3])) == (k + 1, len(rounds), rr["stage"])
         assert (int(m[4]), int(m[5])) == (len(ok), len(rr["clients"]))
         assert float(m[6]) == pytest.approx(sum(c["loss"] for c in ok) / len(ok), abs=5e-5)
         assert float(m[8]) == pytest.approx(rr["bytes_down"] / 2**20, abs=0.006)

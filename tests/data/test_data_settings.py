@@ -12,6 +12,7 @@ from fedmoe.config import load_config
 from fedmoe.data.describe import describe, describe_command
 from fedmoe.data.samplers import EnforcedSampler, UniformSampler, make_sampler
 from fedmoe.data.settings import Federation, build_federation, resolve_setting
+from fedmoe.engine.budget import attach_budgets
 from fedmoe.errors import ConfigError, DataError
 
 from .conftest import PRESETS, clear_caches, real_config
@@ -138,7 +139,7 @@ def test_describe_table(
     table = describe(cfg, fed)
     assert table.row_count == 30 + 3 + 1
     assert any("GiB" in str(cell) for cell in table.columns[-1].cells)
-    describe_command(None, [f"data.data_dir={str(real_data)!r}", "data.max_examples_per_task=200"])
+    describe_command(None, [f"data.data_dir={str(real_data)!r}", "data.max_examples_per_task=200"], attach_budgets)
     out = capsys.readouterr().out
     assert (
         "Federation: 30 clients" in out
@@ -158,7 +159,7 @@ def test_describe_each_preset_within_30s(
 ) -> None:
     clear_caches()
     start = time.perf_counter()
-    describe_command(None, [f"data.data_dir={str(real_data)!r}", f"setting.preset={preset!r}"])
+    describe_command(None, [f"data.data_dir={str(real_data)!r}", f"setting.preset={preset!r}"], attach_budgets)
     elapsed = time.perf_counter() - start
     assert "Federation: 30 clients" in capsys.readouterr().out
     assert elapsed < 30, f"describe took {elapsed:.1f} s"
@@ -167,7 +168,6 @@ def test_describe_each_preset_within_30s(
 def test_describe_budgets_are_the_runs_budgets(real_data: Path, tmp_path: Path) -> None:
     """`data describe` (weight-free model) shows exactly the budgets a run gives its clients."""
     from fedmoe.config import load_config
-    from fedmoe.data.describe import attach_budgets
     from fedmoe.engine.run import Run
     from tests.conftest import REPO
 

@@ -101,7 +101,10 @@ def test_issue_command_switch(tmp_path, shared_data):
     summary = fedmoe_run(REPO / "configs" / "tiny.toml", out, [
         "model.name=tiny-switch-transformers", "fedmoe.rounds=1", "fedmoe.stage1_rounds=1",
         f'data.data_dir="{shared_data}"'])
-    check_run(out, summary)
+    stages = [json.loads(line)["stage"] for line in (out / "rounds.jsonl").read_text().splitlines()]
+    # stage 1 runs until every memory-rich client has reported p (at least stage1_rounds), then 1 stage-2 round
+    assert stages.count(2) == 1 and stages.count(1) >= 1 and stages == sorted(stages)
+    check_run(out, summary, rounds=len(stages))
     assert summary["bytes_down_base"] > 0
 
 

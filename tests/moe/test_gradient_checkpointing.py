@@ -57,10 +57,14 @@ def test_memory_plan_with_checkpointing_keeps_budgets_and_lowers_costs(shared_da
 
     d_saving, e_saving = checkpointing_saving(model, 8, 128, "lora", 8, fam, factors=SMOOTHED_CE_LOSS,
                                               adam_impl="for-loop")
-    assert d_saving > 0 and (e_saving > 0).all()  # fused LoRA experts: their merged weights leave the units
-    assert off.table.dense_bytes - on.table.dense_bytes == pytest.approx(d_saving)
-    assert (off.table.expert_bytes - on.table.expert_bytes) == pytest.approx(e_saving)
-    assert off.full_bytes - on.full_bytes == pytest.approx(d_saving + e_saving.sum())
+    # fused expert LoRA runs unmerged (no merged expert weight is held), so checkpointing saves
+    # activations of the dense part; the expert units keep what they hold
+    assert d_saving > 0 and (e_saving >= 0).all()
+    from fedmoe.engine.budget import RUNTIME_SLACK
+
+    assert off.table.dense_bytes - on.table.dense_bytes == pytest.approx(d_saving * RUNTIME_SLACK)
+    assert (off.table.expert_bytes - on.table.expert_bytes) == pytest.approx(e_saving * RUNTIME_SLACK)
+    assert off.full_bytes - on.full_bytes == pytest.approx((d_saving + e_saving.sum()) * RUNTIME_SLACK)
     kept = [[0, 1], [2, 3, 4]]
     assert on.submodel_bytes(kept) < off.submodel_bytes(kept)
 

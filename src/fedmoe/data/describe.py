@@ -7,6 +7,8 @@ row per task and a grand total.
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -32,19 +34,6 @@ def _data_source(cfg: ExperimentConfig) -> str:
         return f"local:{d.data_dir}"
     names = ", ".join(f"{t}={getattr(d, f'hub_{t}')}" for t in d.tasks)
     return f"hub ({names}; split {d.hub_split or 'test for tc/ts, validation for rc'})"
-
-
-def attach_budgets(cfg: ExperimentConfig, fed: Federation) -> float:
-    """Give every client the memory budget the run would give it (same model, same draw), from
-    a weight-free (meta-device) copy of ``model.name``; returns the full MoE's training bytes."""
-    from fedmoe.engine.budget import plan_memory
-    from fedmoe.moe.meta import load_shapes
-
-    model, family = load_shapes(cfg.model.name, cfg.model.dtype)
-    plan = plan_memory(model, family, cfg, sorted(c.client_id for c in fed.clients))
-    for c in fed.clients:
-        c.budget_bytes = int(plan.table.budgets[c.client_id])
-    return plan.full_bytes
 
 
 def describe(cfg: ExperimentConfig, federation: Federation | None = None) -> Table:
@@ -111,8 +100,10 @@ def describe(cfg: ExperimentConfig, federation: Federation | None = None) -> Tab
     return table
 
 
-def describe_command(config_path: str | None, overrides: list[str]) -> None:
-    """Load ``config_path`` (None = defaults) with ``overrides`` and print :func:`describe`."""
+def describe_command(config_path: str | None, overrides: list[str], attach_budgets: Any) -> None:
+    """Load ``config_path`` (None = defaults) with ``overrides`` and print :func:`describe`;
+    ``attach_budgets(cfg, federation)`` gives the clients the run's budgets (from the engine, which
+    ``data`` does not import) and returns the full MoE's training bytes."""
     cfg = load_config(config_path, overrides)
     from fedmoe.errors import FedMoEError
 

@@ -16,7 +16,7 @@ from fedmoe.data.examples import Example
 from fedmoe.data.hub import DEFAULT_SPLITS, load_hub
 from fedmoe.data.loaders import load_local, screen, task_dir
 from fedmoe.data.partition import rng_for
-from fedmoe.errors import ConfigError
+from fedmoe.errors import ConfigError, DataNotice
 
 _CACHE: dict[tuple[object, ...], tuple[Example, ...]] = {}
 #: task → (rows dropped by :func:`~fedmoe.data.loaders.screen`, why) of the latest load
@@ -49,7 +49,7 @@ def load_examples(data: DataConfig, task: str) -> list[Example]:
         )
         kept, dropped, why = screen(list(loaded), task, str(key[2]))
         if dropped:
-            warnings.warn(f"{task}: dropped {dropped} of {len(kept) + dropped} records ({why}).", stacklevel=2)
+            warnings.warn(f"{task}: dropped {dropped} of {len(kept) + dropped} records ({why}).", DataNotice, stacklevel=2)
         _DROPPED_BY_KEY[key] = (dropped, why)
         _CACHE[key] = tuple(kept)
     DROPPED[task] = _DROPPED_BY_KEY.get(key, (0, ""))

@@ -10,6 +10,7 @@ for stage 1 when M_k ≥ the full-MoE cost.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -99,3 +100,15 @@ def plan_memory(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig, clie
         full = float(dense + experts.sum())
     table = MemoryTable(float(dense), experts, {cid: float(b) for cid, b in zip(client_ids, budgets, strict=True)})
     return MemoryPlan(table, full, [b.num_experts for b in family.blocks(model)])
+
+
+def attach_budgets(cfg: ExperimentConfig, fed: Any) -> float:
+    """Give every client the memory budget the run would give it (same model, same draw), from
+    a weight-free (meta-device) copy of ``model.name``; returns the full MoE's training bytes."""
+    from fedmoe.moe.meta import load_shapes
+
+    model, family = load_shapes(cfg.model.name, cfg.model.dtype)
+    plan = plan_memory(model, family, cfg, sorted(c.client_id for c in fed.clients))
+    for c in fed.clients:
+        c.budget_bytes = int(plan.table.budgets[c.client_id])
+    return plan.full_bytes

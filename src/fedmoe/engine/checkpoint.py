@@ -161,11 +161,3 @@ def _check_config(cfg: Any, manifest: dict[str, Any], d: Path) -> None:
                               "undo those changes in config.toml / --set (only "
                               f"{', '.join(RESUME_MUTABLE)} may change on --resume), or start a new run.")
 
-
-def check_resume_config(cfg: Any, d: Path) -> None:
-    """Refuse to resume from checkpoint ``d`` with a config that differs in a key that may not change."""
-    try:
-        manifest = json.loads((d / "manifest.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise _bad(d, f"manifest.json is unreadable ({exc})") from None
-    _check_config(cfg, manifest, d)

@@ -19,7 +19,7 @@ import numpy as np
 from fedmoe.config import ExperimentConfig, dump_toml
 from fedmoe.data.settings import build_federation
 from fedmoe.engine.budget import MemoryPlan, plan_memory
-from fedmoe.engine.checkpoint import check_resume_config, latest_checkpoint, load_checkpoint, save_checkpoint
+from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedmoe.engine.client import ClientContext, ClientPlan, evaluate_client, run_client
 from fedmoe.engine.faults import (
     Deadline,
@@ -311,12 +311,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = N
 
         raise CheckpointError(f"Run directory {out} has no checkpoint to resume from.",
                               f"start it again: `fedmoe run {out / 'config.toml'} --out {out} --overwrite`.")
+    if ckpt is not None:  # checked in full (config, checksums, contents) even when the run has finished
+        start = load_checkpoint(run, ckpt) + 1
     finished = _finished_summary(out) if resume else None
     if finished is not None and finished.get("rounds", -1) >= total:
-        check_resume_config(run.cfg, ckpt)
         return finished  # resuming a finished run (with its own config) changes nothing
-    if ckpt is not None:
-        start = load_checkpoint(run, ckpt) + 1
     notify(progress, "start", total, start)
     (out / "rounds.jsonl").write_text("".join(json.dumps(rr.to_json()) + "\n" for rr in run.rounds))
     (out / "config.toml").write_text(dump_toml(cfg))

@@ -79,7 +79,7 @@ def run_flower_simulation(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.simulation import run_simulation
 
-    from fedmoe.quiet import quiet_flower
+    from fedmoe.flower.logs import quiet_flower
 
     quiet_flower(sys.stderr.isatty())
 

@@ -40,6 +40,13 @@ def load_shapes(name: str, dtype: str = "float32") -> tuple[nn.Module, MoEFamily
             "mixtral" if m.group(1) == "smollm2" else "bert_moe")
     local = Path(name).expanduser()
     looks_local = local.exists() or name.startswith((".", "/", "~"))
+    from fedmoe.moe.slicing import MAP_FILE
+
+    if looks_local and (local / MAP_FILE).is_file():  # a saved sub-MoE: layers keep different expert counts,
+        from fedmoe.moe.models import load_model  # which only its own loader knows (small: load it for real)
+
+        sub, family, _ = load_model(str(local))
+        return sub.to(torch_dtype).eval(), family
     if looks_local and not (local / "config.json").is_file():
         raise ModelError(f"Model path {local} has no config.json.",
                          f"pass a directory written by `save_pretrained`, a hub name, or a preset ({', '.join(tiny_names())}).")

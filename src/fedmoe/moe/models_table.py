@@ -15,7 +15,7 @@ def models_tables() -> list[Any]:
 
     presets = Table(title="pretrained presets (any <E> ≥ 2 works: minilm-moe-<E>e, smollm2-moe-<E>e)")
     for col in ("name", "experts", "parameters", "fp32 bytes", "weights package", "installed", "purpose"):
-        presets.add_column(col)
+        presets.add_column(col, no_wrap=col == "name")  # names stay whole on a narrow (piped) console
     for info in PRESETS.values():
         installed = importlib.util.find_spec(_BASES[info.base].module) is not None
         presets.add_row(info.name, str(info.num_experts), f"{info.params:,}", f"{info.bytes_fp32 / 2**20:,.0f} MiB",
@@ -24,7 +24,7 @@ def models_tables() -> list[Any]:
 
     tiny = Table(title="tiny random models (tests and smoke runs; real config classes)")
     for col in ("name", "config class", "experts", "top-k", "MoE layers", "parameters"):
-        tiny.add_column(col)
+        tiny.add_column(col, no_wrap=col == "name")
     for fam in FAMILIES.values():
         name = TINY_PREFIX + fam.name.replace("_", "-")
         model, _ = load_shapes(name)  # meta device: no weights
