@@ -9,6 +9,12 @@ the basis budgets are stated in (docs/memory.md: the sub-MoE's weights + the pea
 to its process; CPU: VmHWM, large allocations mmapped). Each model runs in a fresh process
 with one unrecorded warm-up turn first (lazy imports, kernel and thread-pool set-up).
 
+Batches are padded to their longest row (``fedmoe.train.batching``), so a turn's activations
+follow the longest *training batch it ran*, not ``data.max_seq_len``. The table also records
+that length (*S used*: the widest collated training batch of the turn, decoder targets as
+*T used*) and the same formula priced at it (*at S used*, ``RUNTIME_SLACK`` included like
+*predicted*): what a price from the client's actual lengths would say.
+
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory/client_turns.py          # all models
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory/client_turns.py --models minilm-moe-4e
     ... --jobs 2      # models in parallel (each in its own fresh process)
@@ -38,17 +44,34 @@ def _sizes(name: str) -> list[tuple[int, int]]:
     return SIZES["minilm" if name.startswith("minilm") else "smollm2" if name.startswith("smollm2") else "tiny"]
 
 
-def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int) -> list[dict]:
+def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int,
+                sizes: list[str] | None = None) -> list[dict]:
     import json
 
     import torch
 
+    import fedmoe.train.loop as loop
     from fedmoe.config import load_config
+    from fedmoe.engine.budget import RUNTIME_SLACK, _unit_training_bytes
     from fedmoe.engine.run import Run
 
     torch.set_num_threads(1)
+    widest = {"S": 0, "T": 0}
+    collate = loop.collate
+
+    def recording_collate(*a, **kw):  # the widths of the batches local training builds
+        batch = collate(*a, **kw)
+        widest["S"] = max(widest["S"], int(batch["input_ids"].shape[1]))
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+            widest["T"] = max(widest["T"], int(labels.shape[1]))
+        return batch
+
+    loop.collate = recording_collate
     rows = []
     for b, s in _sizes(name):
+        if sizes and f"{b}x{s}" not in sizes:
+            continue
         cfg = load_config(REPO / "configs" / "quickstart.toml", [
             f'data.data_dir="{data_dir}"', f'model.name="{name}"', "data.max_examples_per_task=96",
             f"data.max_seq_len={s}", "data.max_target_len=16", f"train.batch_size={b}", f"train.max_local_steps={steps}",
@@ -67,11 +90,16 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
             kept = [list(range(min(k, e))) for e in n]
             for task, cid in sorted((t, c) for t, c in by_task.items() if t in tasks):
                 t0 = time.perf_counter()
+                widest.update(S=0, T=0)
                 rec, _, _ = run._client(cid, kept, 1, 0)
                 if rec.error:
                     raise RuntimeError(f"{name} {task}: {rec.error}")
+                dense, experts = _unit_training_bytes(run.base, run.family, b, widest["S"], cfg.train.finetune,
+                                                      cfg.train.lora_r, target_len=min(widest["T"], cfg.data.max_target_len))
+                at_used = RUNTIME_SLACK * (dense + sum(float(experts[i, j]) for i, ids in enumerate(kept) for j in ids))
                 rows.append(dict(model=name, task=task, B=b, S=s, kept=k, predicted=rec.predicted_memory_bytes,
-                                 measured=rec.peak_memory_bytes, seconds=time.perf_counter() - t0))
+                                 measured=rec.peak_memory_bytes, S_used=widest["S"], T_used=widest["T"],
+                                 at_used=at_used, seconds=time.perf_counter() - t0))
                 with (Path(tmp) / "rows.jsonl").open("a") as f:  # as measured (a long run can be followed)
                     f.write(json.dumps(rows[-1]) + "\n")
     return rows
@@ -85,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmp", default="/tmp/fedmoe-client-turns")
     ap.add_argument("--tasks", nargs="*", default=["tc", "rc", "ts"])
     ap.add_argument("--steps", type=int, default=2, help="local steps per turn (the 2nd is the steady state)")
+    ap.add_argument("--sizes", nargs="*", default=None, help="BxS sizes to run (e.g. 8x192), default: all of the model's")
     ap.add_argument("--jobs", type=int, default=1, help="models measured at the same time (memory is per process)")
     args = ap.parse_args(argv)
     import torch
@@ -93,13 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     # a fresh process per model: clean VmHWM, no memory of other models
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_model_rows, n, args.data_dir, args.tmp, args.tasks, args.steps) for n in args.models]
+        futures = [pool.submit(_model_rows, n, args.data_dir, args.tmp, args.tasks, args.steps, args.sizes) for n in args.models]
         results = [f.result() for f in futures]
     for got in results:
         for r in got:
             r["ratio"] = r["predicted"] / r["measured"]
+            r["ratio_used"] = r["at_used"] / r["measured"]
             print(f"{r['model']:26s} {r['task']} B{r['B']:<3d} S{r['S']:<4d} kept {r['kept']:2d}  predicted "
-                  f"{r['predicted'] / MiB:8.1f} MiB  measured {r['measured'] / MiB:8.1f} MiB  ratio {r['ratio']:.3f}",
+                  f"{r['predicted'] / MiB:8.1f} MiB  measured {r['measured'] / MiB:8.1f} MiB  ratio {r['ratio']:.3f}  "
+                  f"S used {r['S_used']} at S used {r['at_used'] / MiB:8.1f} MiB  ratio {r['ratio_used']:.3f}",
                   flush=True)
         rows += got
     took = time.perf_counter() - t0
@@ -109,23 +140,31 @@ def main(argv: list[str] | None = None) -> int:
         "Generated by `" + " ".join(["OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory/client_turns.py",
                                        *(["--models", *args.models] if args.models != MODELS else []),
                                        *(["--tasks", *args.tasks] if args.tasks != ["tc", "rc", "ts"] else []),
-                                       *([f"--jobs {args.jobs}"] if args.jobs > 1 else [])]) + "`",
+                                       *(["--sizes", *args.sizes] if args.sizes else []),
+                                       *([f"--jobs {args.jobs}"] if args.jobs > 1 else []),
+                                       *([f"--out {args.out}"] if args.out != str(HERE / "client_turns.md") else [])]) + "`",
         f"(torch {torch.__version__}, {platform.machine()}, Python {platform.python_version()}, 1 thread, CPU, "
         f"{took / 60:.1f} min, on a shared machine). One client turn per task through `Run._client` ({args.steps} local steps, LoRA r = 8, "
         "eval batch 8); *predicted* = `run.plan.submodel_bytes(kept)`, the price the θ search and the "
-        "budgets use; *measured* = the turn's `peak_memory_bytes` (docs/memory.md). Ratio = predicted / measured.",
+        "budgets use; *measured* = the turn's `peak_memory_bytes` (docs/memory.md). Ratio = predicted / measured. "
+        "*S used* = the widest training batch the turn ran (batches are padded to their longest row); "
+        "*at S used* = the same formula (× RUNTIME_SLACK) priced at that length; ratio used = at S used / measured.",
         "",
-        "| model | task | B | S | experts/layer | predicted MiB | measured MiB | ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | task | B | S | experts/layer | predicted MiB | measured MiB | ratio | S used | at S used MiB "
+        "| ratio used |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['task']} | {r['B']} | {r['S']} | {r['kept']} | {r['predicted'] / MiB:.1f} "
-                     f"| {r['measured'] / MiB:.1f} | {r['ratio']:.3f} |")
+                     f"| {r['measured'] / MiB:.1f} | {r['ratio']:.3f} | {r['S_used']} | {r['at_used'] / MiB:.1f} "
+                     f"| {r['ratio_used']:.3f} |")
     lines.append("")
     for name in dict.fromkeys(r["model"] for r in rows):
         rs = [r["ratio"] for r in rows if r["model"] == name]
+        us = [r["ratio_used"] for r in rows if r["model"] == name]
         lines.append(f"* {name}: ratio {min(rs):.3f} – {max(rs):.3f} over {len(rs)} turns; "
-                     f"{sum(r['measured'] > r['predicted'] for r in rows if r['model'] == name)} measured above predicted.")
+                     f"{sum(r['measured'] > r['predicted'] for r in rows if r['model'] == name)} measured above predicted; "
+                     f"priced at S used: {min(us):.3f} – {max(us):.3f}.")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out} ({took / 60:.1f} min)")
     return 0

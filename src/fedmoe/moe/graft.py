@@ -35,22 +35,42 @@ from fedmoe.core.personal import SIDE_MARKERS, is_personal
 from fedmoe.core.router_stats import RouterStats
 from fedmoe.errors import ModelError
 from fedmoe.moe.families import MoEFamily
+from fedmoe.moe.routing import RealTokens, eos_ids
 from fedmoe.moe.slicing import SubMoE, extract, layout_of, merge
 
 #: default b_side: σ(−4) ≈ 0.018, so the grafted model starts close to the pretrained one (choice)
 DEFAULT_GATE_BIAS = -4.0
+#: the label of a position without a target (torch's / transformers' ignore index, −100)
+_IGNORE_INDEX = nn.CrossEntropyLoss().ignore_index
 
 
-def _token_mask(batch: dict[str, Any], n_tokens: int) -> torch.Tensor | None:
-    """The ``*attention_mask`` of ``batch`` with ``n_tokens`` entries (padding = 0), if any.
+def _forward_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` as the model's forward gets it in these passes.
 
-    Encoder-decoder models have two masks of different lengths; the first whose size matches
-    is used (as :class:`fedmoe.moe.routing.RoutingStats`).
+    A teacher-forced encoder-decoder batch (``labels``, no ``decoder_attention_mask``) gets
+    ``decoder_attention_mask = labels != -100``: the decoder positions that predict a real
+    label token (position t reads label t−1, shifted right). Those positions attend only to
+    earlier ones (causal), so their outputs are unchanged; the mask tells the decoder stack's
+    :class:`~fedmoe.moe.routing.RealTokens` which positions are padding.
     """
-    for k, m in batch.items():
-        if k.endswith("attention_mask") and isinstance(m, torch.Tensor) and m.numel() == n_tokens:
-            return m.reshape(-1).bool()
-    return None
+    labels = batch.get("labels")
+    if (getattr(getattr(model, "config", None), "is_encoder_decoder", False) and isinstance(labels, torch.Tensor)
+            and labels.dim() == 2 and "decoder_attention_mask" not in batch):
+        return {**batch, "decoder_attention_mask": (labels != _IGNORE_INDEX).long()}
+    return batch
+
+
+@contextlib.contextmanager
+def _real_tokens(model: nn.Module, family: MoEFamily) -> Iterator[RealTokens]:
+    """Per-stack real-token masks (:class:`~fedmoe.moe.routing.RealTokens`) while the body runs."""
+    real = RealTokens(model, family.blocks(model), eos_ids(model))
+    handles = real.install()
+    try:
+        yield real
+    finally:
+        for h in handles:
+            h.remove()
+        real.clear()
 
 
 @contextlib.contextmanager
@@ -70,18 +90,20 @@ def collect_router_stats(
 ) -> list[RouterStats]:
     """Router probabilities G [tokens, E] of every MoE layer over ``batches`` (model-input dicts).
 
-    Rows are non-padding tokens (``*attention_mask``), probabilities are
+    Rows are real tokens only: each stack's (encoder / decoder / body) own attention mask, as
+    :class:`~fedmoe.moe.routing.RoutingStats` counts them (see :func:`_forward_inputs` for the
+    decoder of a teacher-forced encoder-decoder batch). Probabilities are
     ``family.route_choices`` (softmax, or DeepSeek's normalised sigmoid), "used" = chosen in
     some token's top-k. Runs in eval mode without gradients.
     """
     blocks = family.blocks(model)
     stats = [RouterStats(b.num_experts) for b in blocks]
-    current: dict[str, Any] = {}
+    real: RealTokens | None = None
 
     def make_hook(i: int, top_k: int):
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
             choices, probs = family.route_choices(out, top_k)
-            mask = _token_mask(current, probs.shape[0])
+            mask = real.select(i, probs.shape[0]) if real is not None else None
             if mask is not None:
                 mask = mask.to(probs.device)
                 choices, probs = choices[mask], probs[mask]
@@ -93,11 +115,9 @@ def collect_router_stats(
     handles = [family.router(model.get_submodule(b.path)).register_forward_hook(make_hook(b.index, b.top_k))
                for b in blocks]
     try:
-        with _eval(model):
+        with _eval(model), _real_tokens(model, family) as real:
             for batch in batches:
-                current.clear()
-                current.update(batch)
-                model(**batch)
+                model(**_forward_inputs(model, batch))
     finally:
         for h in handles:
             h.remove()
@@ -150,20 +170,20 @@ def expert_distances(model: nn.Module, family: MoEFamily, batches: Iterable[dict
     """``d[i, e] = Σ_batches ‖MoE_i(X) − E_e(X)‖_F`` over ``batches`` (model-input dicts).
 
     X is what MoE block i receives on a batch (captured by a forward hook), restricted to
-    non-padding tokens (``*attention_mask``), one Frobenius norm per block call. ``[L, E_max]``;
+    real tokens (each stack's own attention mask, as :func:`collect_router_stats`), one Frobenius norm per block call. ``[L, E_max]``;
     entries of experts a layer lacks are +inf. Eval mode, no gradients.
     """
     blocks = family.blocks(model)
     d = np.full((len(blocks), max(b.num_experts for b in blocks)), np.inf)
     for b in blocks:
         d[b.index, : b.num_experts] = 0.0
-    current: dict[str, Any] = {}
+    real: RealTokens | None = None
 
     def make_hook(i: int, n: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], out: Any) -> None:
             x, y = _block_io(args, kwargs, out)
             x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-            mask = _token_mask(current, x.shape[0])
+            mask = real.select(i, x.shape[0]) if real is not None else None
             if mask is not None:
                 mask = mask.to(x.device)
                 x, y = x[mask], y[mask]
@@ -176,11 +196,9 @@ def expert_distances(model: nn.Module, family: MoEFamily, batches: Iterable[dict
     handles = [model.get_submodule(b.path).register_forward_hook(make_hook(b.index, b.num_experts), with_kwargs=True)
                for b in blocks]
     try:
-        with _eval(model):
+        with _eval(model), _real_tokens(model, family) as real:
             for batch in batches:
-                current.clear()
-                current.update(batch)
-                model(**batch)
+                model(**_forward_inputs(model, batch))
     finally:
         for h in handles:
             h.remove()

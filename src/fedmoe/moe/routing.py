@@ -47,48 +47,49 @@ def _past_length(kwargs: dict[str, Any]) -> int:
     return int(cache.get_seq_length())
 
 
-class RoutingStats:
-    """Context manager that collects routing counts over any number of forward passes.
+class RealTokens:
+    """Which routed tokens are real, per MoE layer, for the forwards that run while installed.
 
-    ``eos_token_id``: the id that ends a generated sequence (default: the model's generation
-    config's); ``token_masks`` (legacy, optional): masks to use for forwards of a stack that
-    gets no ``attention_mask``, matched by size.
+    A pre-forward hook on every stack (see the module docstring) keeps the token mask of that
+    stack's current forward: its own ``attention_mask`` (the last ``q`` columns for ``q`` new
+    tokens), all ones when it gets none, and — during generation — rows whose sequence has
+    already fed back ``eos`` switched off. :meth:`mask` gives the mask of layer ``i``'s stack.
+    Used by :class:`RoutingStats` and by HFedMoE's / FLEx's passes in :mod:`fedmoe.moe.graft`.
     """
 
-    def __init__(self, model: nn.Module, family: MoEFamily | None = None,
-                 eos_token_id: int | list[int] | None = None) -> None:
+    def __init__(self, model: nn.Module, blocks: list[Any], eos: list[int]) -> None:
         self.model = model
-        self.family = family or family_of(model)
-        self.blocks = self.family.blocks(model)
-        n_max = max(b.num_experts for b in self.blocks)
-        self.counts = np.zeros((len(self.blocks), n_max), dtype=np.float64)
-        self.mass = np.zeros_like(self.counts)
-        self.tokens = np.zeros(len(self.blocks), dtype=np.float64)
-        self.token_masks: list[torch.Tensor] = []
-        if eos_token_id is None:
-            gen = getattr(model, "generation_config", None)
-            eos_token_id = getattr(gen, "eos_token_id", None)
-        self.eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        self._stacks = {info.index: _stack_path(model, info.path) for info in self.blocks}
+        self.eos = eos
+        self.stacks = {info.index: _stack_path(model, info.path) for info in blocks}
         self._masks: dict[str, torch.Tensor | None] = {}  # stack → token mask of its current forward
         self._finished: dict[str, torch.Tensor] = {}  # stack → rows whose generation has ended
-        self._handles: list[Any] = []
 
-    def __enter__(self) -> RoutingStats:
-        for path in sorted(set(self._stacks.values())):
+    def install(self) -> list[Any]:
+        """Register the stack hooks; returns their handles (the caller removes them)."""
+        handles = []
+        for path in sorted(set(self.stacks.values())):
             stack = self.model.get_submodule(path) if path else self.model
-            self._handles.append(stack.register_forward_pre_hook(self._stack_hook(path, stack), with_kwargs=True))
-        for info in self.blocks:
-            router = self.family.router(self.model.get_submodule(info.path))
-            self._handles.append(router.register_forward_hook(self._hook(info.index, info.num_experts, info.top_k)))
-        return self
+            handles.append(stack.register_forward_pre_hook(self._stack_hook(path, stack), with_kwargs=True))
+        return handles
 
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def clear(self) -> None:
         self._masks.clear()
         self._finished.clear()
+
+    def mask(self, layer: int) -> torch.Tensor | None:
+        """The current token mask of layer ``layer``'s stack (``[B, q]`` bool), None if unknown."""
+        return self._masks.get(self.stacks[layer])
+
+    def select(self, layer: int, n_tokens: int) -> torch.Tensor | None:
+        """:meth:`mask` flattened, checked to cover ``n_tokens`` routed tokens; None if unknown."""
+        mask = self.mask(layer)
+        if mask is None:
+            return None
+        if mask.numel() != n_tokens:
+            raise RuntimeError(
+                f"layer {layer} routed {n_tokens} tokens but its stack `{self.stacks[layer] or 'model'}` "
+                f"had {mask.numel()}; cannot tell real tokens from padding.")
+        return mask.reshape(-1)
 
     def _stack_hook(self, path: str, stack: nn.Module):
         sig = inspect.signature(stack.forward)
@@ -126,6 +127,50 @@ class RoutingStats:
             mask = mask & ~done[:, None]
         return mask
 
+
+def eos_ids(model: nn.Module, eos_token_id: int | list[int] | None = None) -> list[int]:
+    """``eos_token_id`` as a list (default: the model's generation config's; [] if none)."""
+    if eos_token_id is None:
+        gen = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen, "eos_token_id", None)
+    return [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+
+
+class RoutingStats:
+    """Context manager that collects routing counts over any number of forward passes.
+
+    ``eos_token_id``: the id that ends a generated sequence (default: the model's generation
+    config's); ``token_masks`` (legacy, optional): masks to use for forwards of a stack that
+    gets no ``attention_mask``, matched by size.
+    """
+
+    def __init__(self, model: nn.Module, family: MoEFamily | None = None,
+                 eos_token_id: int | list[int] | None = None) -> None:
+        self.model = model
+        self.family = family or family_of(model)
+        self.blocks = self.family.blocks(model)
+        n_max = max(b.num_experts for b in self.blocks)
+        self.counts = np.zeros((len(self.blocks), n_max), dtype=np.float64)
+        self.mass = np.zeros_like(self.counts)
+        self.tokens = np.zeros(len(self.blocks), dtype=np.float64)
+        self.token_masks: list[torch.Tensor] = []
+        self.eos = eos_ids(model, eos_token_id)
+        self.real = RealTokens(model, self.blocks, self.eos)
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> RoutingStats:
+        self._handles.extend(self.real.install())
+        for info in self.blocks:
+            router = self.family.router(self.model.get_submodule(info.path))
+            self._handles.append(router.register_forward_hook(self._hook(info.index, info.num_experts, info.top_k)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.real.clear()
+
     def _legacy_mask(self, n_tokens: int) -> torch.Tensor | None:
         for m in self.token_masks:
             if m.numel() == n_tokens:
@@ -133,17 +178,13 @@ class RoutingStats:
         return None
 
     def _hook(self, layer: int, n_exp: int, top_k: int):
-        stack = self._stacks[layer]
-
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
             with torch.no_grad():
                 choices, probs = self.family.route_choices(out, top_k)
-                mask = self._masks.get(stack)
+                mask = self.real.mask(layer)
                 if mask is None or mask.numel() != probs.shape[0]:
                     if mask is not None and not self.token_masks:
-                        raise RuntimeError(
-                            f"RoutingStats: layer {layer} routed {probs.shape[0]} tokens but its stack "
-                            f"`{stack or 'model'}` had {mask.numel()}; cannot tell real tokens from padding.")
+                        self.real.select(layer, probs.shape[0])  # raises: cannot tell real tokens from padding
                     mask = self._legacy_mask(probs.shape[0])
                 if mask is not None:
                     mask = mask.reshape(-1).to(probs.device)
