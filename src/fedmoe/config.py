@@ -100,8 +100,10 @@ class TrainConfig:
     eval_batch_size: int = 32
     #: recompute each layer's activations in backward (transformers' gradient checkpointing):
     #: less activation memory, so the memory plan prices submodels lower and memory-poor clients
-    #: keep more experts, at a step-time cost (benchmarks/memory/gradient_checkpointing.md)
-    gradient_checkpointing: bool = False
+    #: keep more experts, at a step-time cost (benchmarks/memory/gradient_checkpointing.md).
+    #: "auto": only clients whose initial submodel search keeps more experts with it train with it
+    #: (FedMoE/randomMoE; other algorithms train without it); recorded per turn in rounds.jsonl
+    gradient_checkpointing: bool | str = False
 
 
 @dataclass
@@ -401,6 +403,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         from fedmoe.faultspec import parse_faults
 
         parse_faults(cfg.engine.inject_faults)
+    if isinstance(cfg.train.gradient_checkpointing, str) and cfg.train.gradient_checkpointing != "auto":
+        raise ConfigError(f"`train.gradient_checkpointing` = {cfg.train.gradient_checkpointing!r} is not true, false "
+                          'or "auto".', "set e.g. --set train.gradient_checkpointing=auto.")
     if isinstance(cfg.data.hub_split, dict) and (bad := sorted(set(cfg.data.hub_split) - {"tc", "rc", "ts"})):
         raise ConfigError(f"data.hub_split names unknown task(s) {bad}.",
                           'use the tasks tc, rc, ts, e.g. data.hub_split = {tc = "train", rc = "validation"}.')
