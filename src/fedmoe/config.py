@@ -49,8 +49,10 @@ class DataConfig:
     hub_tc: str = "ag_news"
     hub_rc: str = "squad"
     hub_ts: str = "EdinburghNLP/xsum"
-    #: hub split to read; "" = test for TC/TS, validation for RC (the splits the shared data holds)
-    hub_split: str = ""
+    #: hub split to read: one name for every task, or a table per task (``{tc = "train", rc =
+    #: "validation"}``; a task left out takes its default); "" = test for TC/TS, validation for RC
+    #: (the splits the shared data holds)
+    hub_split: str | dict[str, str] = ""
 
 
 @dataclass
@@ -98,8 +100,10 @@ class TrainConfig:
     eval_batch_size: int = 32
     #: recompute each layer's activations in backward (transformers' gradient checkpointing):
     #: less activation memory, so the memory plan prices submodels lower and memory-poor clients
-    #: keep more experts, at a step-time cost (benchmarks/memory/gradient_checkpointing.md)
-    gradient_checkpointing: bool = False
+    #: keep more experts, at a step-time cost (benchmarks/memory/gradient_checkpointing.md).
+    #: "auto": only clients whose initial submodel search keeps more experts with it train with it
+    #: (FedMoE/randomMoE; other algorithms train without it); recorded per turn in rounds.jsonl
+    gradient_checkpointing: bool | str = False
 
 
 @dataclass
@@ -252,6 +256,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"Config key `{key}` must be a list, got {value!r}.", f'write it as {key}=["a", "b"].')
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"Config key `{key}` must be a table, got {value!r}.", f'write it as {key}={{a = "x"}}.')
+        return {str(k): _coerce(f"{key}.{k}", v, inner) for k, v in value.items()}
     if origin in (types.UnionType, typing.Union):
         for inner in typing.get_args(tp):
             try:
@@ -394,6 +403,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         from fedmoe.faultspec import parse_faults
 
         parse_faults(cfg.engine.inject_faults)
+    if isinstance(cfg.train.gradient_checkpointing, str) and cfg.train.gradient_checkpointing != "auto":
+        raise ConfigError(f"`train.gradient_checkpointing` = {cfg.train.gradient_checkpointing!r} is not true, false "
+                          'or "auto".', "set e.g. --set train.gradient_checkpointing=auto.")
+    if isinstance(cfg.data.hub_split, dict) and (bad := sorted(set(cfg.data.hub_split) - {"tc", "rc", "ts"})):
+        raise ConfigError(f"data.hub_split names unknown task(s) {bad}.",
+                          'use the tasks tc, rc, ts, e.g. data.hub_split = {tc = "train", rc = "validation"}.')
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
         raise ConfigError("data.val_fraction + data.test_fraction must leave a train split (sum < 1).",
                           "lower one of them, e.g. --set data.test_fraction=0.2.")
@@ -414,6 +429,8 @@ def dump_toml(cfg: ExperimentConfig) -> str:
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
         return repr(v)
 
     d = config_to_dict(cfg)

@@ -189,3 +189,35 @@ def test_bad_results_raise() -> None:
 def test_expert_count_stats() -> None:
     st, _ = stage2_state()
     assert expert_count_stats(st) == {"mean": 3.0, "min": 2.0, "max": 4.0}
+
+
+def test_initial_sets_take_checkpointed_costs_only_when_they_buy_experts():
+    """memory.checkpointed (train.gradient_checkpointing="auto"): hand-worked budgets. Plain costs: dense 10,
+    experts 1 each (2 layers × 3); checkpointed: dense 6, experts 1. alpha = 1.
+    client 0 (M=16): plain keeps all 6 (16), checkpointed also 6 → tie → plain, no checkpointing;
+    client 1 (M=13): plain keeps 3 (room for 3 units), checkpointed all 6 (12) → checkpointing;
+    client 2 (M=9): plain dense alone 10 > 9 → fits only with checkpointing (6 + 3 = 9 ≤ 9)."""
+    from fedmoe.algorithms.fedmoe import FedMoEServerState as State
+    from fedmoe.algorithms.fedmoe import MemoryTable, initial_expert_sets
+    from fedmoe.core.search import expert_count
+
+    eb = np.ones((2, 3))
+    p = np.array([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]])
+    table = MemoryTable(10.0, eb, {0: 16.0, 1: 13.0, 2: 9.0}, checkpointed=(6.0, eb))
+    st = initial_expert_sets(State(), {c: p for c in range(3)}, table, alpha=1.0)
+    assert st.checkpointing == {1, 2}
+    assert [expert_count(st.expert_sets[c]) for c in range(3)] == [6, 6, 3]
+    assert expert_count(initial_expert_sets(State(), {1: p}, MemoryTable(10.0, eb, {1: 13.0}), alpha=1.0)
+                        .expert_sets[1]) == 3
+    with pytest.raises(BudgetError):  # without the option client 2 cannot hold its submodel
+        initial_expert_sets(State(), {2: p}, MemoryTable(10.0, eb, {2: 9.0}), alpha=1.0)
+    # randomMoE: with the option unused (no checkpointed costs) the draws are those of before
+    a = initial_expert_sets(State(), {c: p for c in range(2)}, MemoryTable(10.0, eb, {0: 16.0, 1: 13.0}),
+                            alpha=1.0, random_init=np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    from fedmoe.core.search import random_expert_sets
+
+    assert [a.expert_sets[c] for c in range(2)] == [random_expert_sets(eb, 10.0, m, 1.0, rng, client_id=c)
+                                                     for c, m in ((0, 16.0), (1, 13.0))]
+    r = initial_expert_sets(State(), {c: p for c in range(3)}, table, alpha=1.0, random_init=np.random.default_rng(5))
+    assert r.checkpointing == {1, 2} and [expert_count(r.expert_sets[c]) for c in range(3)] == [6, 6, 3]

@@ -223,3 +223,28 @@ def test_real_files_unusable_rows(real_data: Path) -> None:
     rows = load_local(real_data, "ts")
     kept, dropped, _ = screen(rows, "ts", "ts")  # the shared XSum test split has one empty document
     assert dropped == 1 and {r.id for r in rows} - {r.id for r in kept} == {"32556640"}
+
+
+def test_hub_split_per_task_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.hub_split as a table picks each task's split; a task left out keeps its default; a plain
+    string still applies to every task; unknown task names are one ConfigError."""
+    from fedmoe.config import ConfigError, dump_toml, load_config
+    from fedmoe.data.hub import hub_split_for
+
+    write(tmp_path / "xs" / "train.jsonl", json.dumps({"id": "tr", "document": "D1", "summary": "S1"}) + "\n")
+    write(tmp_path / "xs" / "test.jsonl", json.dumps({"id": "te", "document": "D2", "summary": "S2"}) + "\n")
+    cfg = load_config(None, ["data.source=hub", f"data.hub_ts={tmp_path / 'xs'}", 'data.hub_split={ts = "train"}'])
+    assert cfg.data.hub_split == {"ts": "train"}
+    assert load_examples(cfg.data, "ts") == [TSExample("tr", "D1", "S1")]
+    assert [hub_split_for(cfg.data.hub_split, t) for t in ("tc", "rc", "ts")] == ["test", "validation", "train"]
+    plain = load_config(None, ["data.source=hub", f"data.hub_ts={tmp_path / 'xs'}", "data.hub_split=test"])
+    assert load_examples(plain.data, "ts") == [TSExample("te", "D2", "S2")]
+    assert [hub_split_for("dev", t) for t in ("tc", "rc", "ts")] == ["dev"] * 3
+    # the resolved config round-trips through TOML with the table kept
+    again = tmp_path / "again.toml"
+    again.write_text(dump_toml(cfg))
+    assert load_config(again).data.hub_split == {"ts": "train"}
+    with pytest.raises(ConfigError, match=r"unknown task\(s\) \['qa'\]"):
+        load_config(None, ['data.hub_split={qa = "train"}'])
+    with pytest.raises(ConfigError, match=r"data.hub_split` has an invalid value \{.ts.: 3\}"):
+        load_config(None, ["data.hub_split={ts = 3}"])

@@ -23,10 +23,15 @@ from tests.flower.deployment import LocalFederation
 NODES = 2
 
 
-def overrides(shared_data: Path) -> str:
+#: settings the parity run passes as FlowerTune-style flat run-config keys instead of `overrides`
+FLAT = {"fedmoe.stage1-rounds": 2, "train.max-local-steps": 1}
+
+
+def overrides(shared_data: Path, flat: bool = False) -> str:
     return "; ".join([
-        f"data.data_dir={shared_data}", "data.max_examples_per_task=36", "fedmoe.stage1_rounds=2", "fedmoe.rounds=2",
-        "train.max_local_steps=1", "engine.measure_memory=false", "engine.checkpoint_every=0",
+        f"data.data_dir={shared_data}", "data.max_examples_per_task=36", "fedmoe.rounds=2",
+        "engine.measure_memory=false", "engine.checkpoint_every=0",
+        *([] if flat else ["fedmoe.stage1_rounds=2", "train.max_local_steps=1"]),
     ])
 
 
@@ -59,7 +64,9 @@ def federation(tmp_path_factory):
 def test_deployment_matches_inprocess(federation, inprocess, data_dir):
     # in the default suite (CI): starts a SuperLink + 2 SuperNodes on free ports, kills them by PID
     # experiment = the default "configs/tiny.toml": resolved inside the installed app bundle
-    out, log = federation.flwr_run({K.RUN_OVERRIDES: overrides(data_dir)}, "parity")
+    # part of the experiment as flat keys (FLAT): `flwr run` accepts them (pyproject declares them) and
+    # server and nodes apply them — tiny.toml has 2 local steps, so a missed key breaks the parity
+    out, log = federation.flwr_run({K.RUN_OVERRIDES: overrides(data_dir, flat=True), **FLAT}, "parity")
     a = load_file(str(inprocess / "global_trainable.safetensors"))
     b = load_file(str(out / "global_trainable.safetensors"))
     assert a.keys() == b.keys()

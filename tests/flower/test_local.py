@@ -27,11 +27,11 @@ PARTITIONS = 3
 def run_config(shared_data: Path, **extra: str) -> dict[str, str | float]:
     overrides = [
         f"data.data_dir={shared_data}", "data.max_examples_per_task=36", "setting.num_clients=6",
-        "setting.clients_per_round=2", "fedmoe.stage1_rounds=1", "fedmoe.rounds=2", "train.max_local_steps=1",
-        "engine.measure_memory=false", "engine.checkpoint_every=0",
+        "fedmoe.stage1_rounds=1", "train.max_local_steps=1", "engine.measure_memory=false", "engine.checkpoint_every=0",
     ]
+    flat = {"setting.clients-per-round": 2, "fedmoe.rounds": 2, "seed": ""}  # FlowerTune-style keys ("" = the file's)
     return {K.RUN_EXPERIMENT: str(REPO / "configs" / "tiny.toml"), K.RUN_OVERRIDES: "; ".join(overrides),
-            K.RUN_ROUND_TIMEOUT: 60.0, K.RUN_DISCOVERY_TIMEOUT: 5.0, **extra}
+            K.RUN_ROUND_TIMEOUT: 60.0, K.RUN_DISCOVERY_TIMEOUT: 5.0, **flat, **extra}
 
 
 def rounds_of(out: Path) -> list[dict]:
@@ -62,6 +62,7 @@ def test_local_grid_matches_inprocess(clean):
     assert maps[0] == maps[1]
     ra, rb = rounds_of(clean["inprocess"]), rounds_of(clean["flower"])
     assert [r["sampled"] for r in ra] == [r["sampled"] for r in rb]
+    assert len(rb[-1]["sampled"]) == 2  # the flat run-config key setting.clients-per-round reached the run
     for x, y in zip(ra, rb, strict=True):
         for ca, cb in zip(x["clients"], y["clients"], strict=True):
             assert (ca["loss"], ca["score"], ca["steps"]) == (cb["loss"], cb["score"], cb["steps"])
@@ -206,3 +207,27 @@ def test_hfedmoe_on_local_grid_matches_inprocess(tmp_path, shared_data):
     # HFedMoE's modelled setup traffic (base weights for its scoring) is counted as in-process
     assert [r["bytes_down_base"] for r in rounds_of(tmp_path / "inprocess")] == [
         r["bytes_down_base"] for r in rounds_of(tmp_path / "flower")]
+
+
+def test_auto_checkpointing_reaches_the_nodes(tmp_path, monkeypatch, shared_data):
+    """train.gradient-checkpointing="auto" (a flat run-config key) on the Flower message path: the
+    nodes train with checkpointing exactly on the turns the server chose, as the in-process engine does."""
+    import fedmoe.moe.memory.checkpointing as ckpt_mod
+
+    trained_with: list[bool] = []
+    original = ckpt_mod.enable_gradient_checkpointing
+    monkeypatch.setattr(ckpt_mod, "enable_gradient_checkpointing", lambda m: (trained_with.append(True), original(m))[1])
+    rc = run_config(shared_data, **{"train.gradient-checkpointing": "auto", "fedmoe.rounds": 1,
+                                    "setting.clients-per-round": 3})
+    settings = AppSettings.from_run_config(rc)
+    assert settings.experiment_config().train.gradient_checkpointing == "auto"
+    run_experiment(settings.experiment_config(), tmp_path / "inprocess")
+    in_process = len(trained_with)
+    run_federated(LocalGrid(client_app, node_configs(PARTITIONS), rc), settings, tmp_path / "flower")
+    ra, rb = rounds_of(tmp_path / "inprocess"), rounds_of(tmp_path / "flower")
+    flags = [[(c["client_id"], c["gradient_checkpointing"], c["num_experts"], c["predicted_memory_bytes"])
+              for c in r["clients"]] for r in ra]
+    assert flags == [[(c["client_id"], c["gradient_checkpointing"], c["num_experts"], c["predicted_memory_bytes"])
+                      for c in r["clients"]] for r in rb]
+    chosen = sum(c[1] for r in flags for c in r)
+    assert chosen >= 1 and in_process == chosen and len(trained_with) == 2 * chosen, (flags, trained_with)

@@ -143,3 +143,31 @@ def test_config_text_roundtrip_and_fingerprint():
     assert config_fingerprint(other) == config_fingerprint(cfg)  # data_dir is node-local
     assert config_fingerprint(other, ignore=()) != config_fingerprint(cfg, ignore=())
     assert config_fingerprint(ExperimentConfig()) != config_fingerprint(cfg)
+
+
+def test_flat_run_config_keys_set_the_experiment():
+    """FlowerTune-style flat keys: any experiment key (`-` or `_`), "" = the file's value, `overrides` last;
+    pyproject's defaults change nothing; an unknown key is one ConfigError naming it and the nearest key."""
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    from fedmoe.config import load_config
+    from fedmoe.flower.settings import flat_overrides
+
+    exp = str(REPO / "configs" / "tiny.toml")
+    defaults = flatten_dict(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    assert "model.name" in defaults and flat_overrides(defaults) == []
+    file_cfg = load_config(exp)
+    assert AppSettings.from_run_config({**defaults, K.RUN_EXPERIMENT: exp}).experiment_config() == file_cfg
+    rc = {**defaults, K.RUN_EXPERIMENT: exp, "model.name": "tiny-qwen2-moe", "train.lr": 0.005,
+          "setting.num-clients": 9, "train.gradient-checkpointing": "auto", "engine.measure_memory": False,
+          "data.hub-split.tc": "train", "fedmoe.rounds": 4, K.RUN_OVERRIDES: "fedmoe.rounds=7"}
+    cfg = AppSettings.from_run_config(rc).experiment_config()
+    assert (cfg.model.name, cfg.train.lr, cfg.setting.num_clients, cfg.train.gradient_checkpointing) == \
+        ("tiny-qwen2-moe", 0.005, 9, "auto")
+    assert cfg.engine.measure_memory is False and cfg.data.hub_split == {"tc": "train"}
+    assert cfg.fedmoe.rounds == 7  # `overrides` wins over a flat key
+    assert cfg.seed == file_cfg.seed and cfg.setting.preset == file_cfg.setting.preset  # "" keeps the file's
+    with pytest.raises(ConfigError, match=r"Unknown config key `train.lr_max`.*train.lr"):
+        AppSettings.from_run_config({K.RUN_EXPERIMENT: exp, "train.lr-max": 0.1}).experiment_config()

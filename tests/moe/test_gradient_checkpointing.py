@@ -88,3 +88,38 @@ def test_fedmoe_run_with_gradient_checkpointing_trains_as_without(shared_data, t
         assert all(not c.get("error") and c["steps"] == 2 for r in rounds for c in r["clients"]), rounds
         losses[ck] = [c["loss"] for r in rounds for c in r["clients"]]
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
+
+
+def test_auto_checkpointing_goes_to_clients_it_buys_experts(shared_data, tmp_path):
+    """train.gradient_checkpointing="auto" through `fedmoe run`: a stage-2 client trains with checkpointing
+    exactly when that keeps it more experts than the same run without checkpointing keeps (oracle: the
+    `false` run's expert counts); stage-1 turns (full MoE, memory-rich clients) never use it; budgets
+    are the same; the choice is recorded per turn in rounds.jsonl."""
+    from fedmoe.cli import app
+
+    runs = {}
+    for ck in ("false", "auto"):
+        out = tmp_path / ck
+        sets = [f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", "fedmoe.rounds=1",
+                "engine.measure_memory=false", f"train.gradient_checkpointing={ck}"]
+        res = CliRunner().invoke(app, ["run", str(REPO / "configs" / "tiny.toml"), "--out", str(out),
+                                       *[a for s in sets for a in ("--set", s)]])
+        assert res.exit_code == 0, res.output
+        rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+        assert all(not c["error"] for r in rounds for c in r["clients"])
+        runs[ck] = {(r["round"], c["client_id"]): (r["stage"], c) for r in rounds for c in r["clients"]}
+    assert runs["auto"].keys() == runs["false"].keys()
+    gained = kept_plain = 0
+    for key, (stage, c) in runs["auto"].items():
+        plain = runs["false"][key][1]
+        assert c["budget_bytes"] == plain["budget_bytes"]  # budgets stay the devices' memory
+        assert not plain["gradient_checkpointing"]
+        if stage == 1:
+            assert not c["gradient_checkpointing"] and c["num_experts"] == plain["num_experts"]
+            continue
+        assert c["gradient_checkpointing"] == (c["num_experts"] > plain["num_experts"]), (c, plain)
+        assert c["num_experts"] >= plain["num_experts"]
+        assert c["predicted_memory_bytes"] <= c["budget_bytes"]
+        gained += c["gradient_checkpointing"]
+        kept_plain += not c["gradient_checkpointing"]
+    assert gained and kept_plain  # this setting has both kinds of client (tiny.toml's budgets 0.3–1.5)

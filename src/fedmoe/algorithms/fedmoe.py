@@ -35,6 +35,16 @@ class MemoryTable:
     dense_bytes: float
     expert_bytes: np.ndarray  #: [L, E] training bytes of each expert
     budgets: dict[ClientId, float]  #: M_k per client, bytes
+    #: ``(dense_bytes, expert_bytes)`` when training with gradient checkpointing (cheaper activations), if
+    #: that is an option per client (``train.gradient_checkpointing = "auto"``): the initial search then
+    #: gives a client these costs when they buy it more experts (:func:`initial_expert_sets`)
+    checkpointed: tuple[float, np.ndarray] | None = None
+
+    def costs(self, checkpointing: bool) -> tuple[float, np.ndarray]:
+        """``(dense_bytes, expert_bytes)`` of a client that trains with(out) gradient checkpointing."""
+        if checkpointing and self.checkpointed is not None:
+            return self.checkpointed
+        return self.dense_bytes, self.expert_bytes
 
 
 @dataclass
@@ -71,6 +81,8 @@ class FedMoEServerState:
     stage1_reported: set[ClientId] = field(default_factory=set)  #: clients that measured p
     theta: dict[ClientId, float] = field(default_factory=dict)
     excluded: dict[ClientId, str] = field(default_factory=dict)  #: id → reason
+    #: clients whose initial search chose gradient checkpointing (it bought them experts)
+    checkpointing: set[ClientId] = field(default_factory=set)
     round: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -129,6 +141,11 @@ def initial_expert_sets(
     (randomMoE / "w/o stage 1"). A client that cannot fit raises :class:`BudgetError`
     unless ``exclude_unfit``, in which case it is recorded in ``state.excluded`` with the
     reason (never silently). ``latest_p`` starts as the stage-1 p.
+
+    When ``memory.checkpointed`` is set (gradient checkpointing is an option), each client is
+    searched under both cost tables and takes the checkpointed one — recorded in
+    ``state.checkpointing`` and used by its later recommendations — only if it keeps strictly
+    more experts there (or fits only there); ties keep the faster, non-checkpointed training.
     """
     new = copy.deepcopy(state)
     new.stage1_reported |= set(reported)
@@ -136,21 +153,35 @@ def initial_expert_sets(
         pk = np.asarray(p[cid], dtype=np.float64)
         if cid not in memory.budgets:
             raise ValueError(f"initial_expert_sets: no memory budget for client {cid}.")
-        try:
-            if random_init is None:
-                theta, sets = theta_search(
-                    pk, memory.dense_bytes, memory.expert_bytes, memory.budgets[cid], alpha, tol, client_id=cid
-                )
-                new.theta[cid] = theta
-            else:
-                sets = random_expert_sets(
-                    memory.expert_bytes, memory.dense_bytes, memory.budgets[cid], alpha, random_init, client_id=cid
-                )
-        except BudgetError as err:
+        options = [False, True] if memory.checkpointed is not None else [False]
+        found: dict[bool, tuple[float | None, ExpertSets, Any]] = {}
+        error: BudgetError | None = None
+        for ckpt in options:
+            dense, eb = memory.costs(ckpt)
+            rng = copy.deepcopy(random_init)  # both options draw from the same stream; the chosen one advances it
+            try:
+                if rng is None:
+                    found[ckpt] = (*theta_search(pk, dense, eb, memory.budgets[cid], alpha, tol, client_id=cid), None)
+                else:
+                    found[ckpt] = (None, random_expert_sets(eb, dense, memory.budgets[cid], alpha, rng,
+                                                            client_id=cid), rng)
+            except BudgetError as err:
+                error = error or err
+        if not found:
+            assert error is not None
             if not exclude_unfit:
-                raise
-            new.excluded[cid] = str(err)
+                raise error
+            new.excluded[cid] = str(error)
             continue
+        ckpt = True in found and (False not in found or expert_count(found[True][1]) > expert_count(found[False][1]))
+        theta, sets, used_rng = found[ckpt]
+        if theta is not None:
+            new.theta[cid] = theta
+        if used_rng is not None:
+            assert random_init is not None
+            random_init.bit_generator.state = used_rng.bit_generator.state
+        if ckpt:
+            new.checkpointing.add(cid)
         new.expert_sets[cid] = sets
         new.stage1_p[cid] = pk
         new.latest_p[cid] = pk
@@ -200,6 +231,7 @@ def _fork(state: FedMoEServerState, touched: Sequence[ClientId]) -> FedMoEServer
     for name in ("expert_sets", "latest_p", "scores", "stale", "pending", "stage1_p", "theta", "excluded"):
         setattr(new, name, dict(getattr(state, name)))
     new.frozen, new.stage1_reported = set(state.frozen), set(state.stage1_reported)
+    new.checkpointing = set(state.checkpointing)
     new.events = list(state.events)
     for cid in touched:
         if cid in new.scores:
@@ -259,9 +291,8 @@ def after_round(
         top = cosine_top_k(new.latest_p[cid], others, top_k)
         p_hat = estimate_p_hat(top, others)
         mean_count = float(np.mean([expert_count(before[a]) for a, _ in top]))
-        new_set, action = recommend(
-            new.expert_sets[cid], p_hat, mean_count, memory.expert_bytes, memory.dense_bytes, memory.budgets[cid]
-        )
+        dense, eb = memory.costs(cid in new.checkpointing)
+        new_set, action = recommend(new.expert_sets[cid], p_hat, mean_count, eb, dense, memory.budgets[cid])
         action = {**action, "similar": top}
         ev = {"round": new.round, "client_id": cid, "kind": "adjust", **action}
         if new_set != new.expert_sets[cid]:

@@ -32,8 +32,9 @@ def _data_source(cfg: ExperimentConfig) -> str:
     d = cfg.data
     if d.source != "hub":
         return f"local:{d.data_dir}"
-    names = ", ".join(f"{t}={getattr(d, f'hub_{t}')}" for t in d.tasks)
-    return f"hub ({names}; split {d.hub_split or 'test for tc/ts, validation for rc'})"
+    from fedmoe.data.hub import hub_split_for
+
+    return "hub (" + ", ".join(f"{t}={getattr(d, f'hub_{t}')}:{hub_split_for(d.hub_split, t)}" for t in d.tasks) + ")"
 
 
 def describe(cfg: ExperimentConfig, federation: Federation | None = None) -> Table:

@@ -21,6 +21,13 @@ from fedmoe.errors import DataError
 DEFAULT_SPLITS: dict[str, str] = {"tc": "test", "rc": "validation", "ts": "test"}
 
 
+def hub_split_for(hub_split: str | Mapping[str, str], task: str) -> str:
+    """The split ``data.hub_split`` gives ``task``: one name for all tasks, or a per-task table
+    (a task not in the table, or "", takes :data:`DEFAULT_SPLITS`)."""
+    split = hub_split.get(task, "") if isinstance(hub_split, Mapping) else hub_split
+    return split or DEFAULT_SPLITS[task]
+
+
 def open_hub_dataset(name: str, split: str) -> Any:
     """Open one split of a hub data set or local dataset folder (no network needed for folders)."""
     import datasets

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedmoe.config import DataConfig
 from fedmoe.data.examples import Example
-from fedmoe.data.hub import DEFAULT_SPLITS, load_hub
+from fedmoe.data.hub import hub_split_for, load_hub
 from fedmoe.data.loaders import load_local, screen, task_dir
 from fedmoe.data.partition import rng_for
 from fedmoe.errors import ConfigError, DataNotice
@@ -37,7 +37,7 @@ def load_examples(data: DataConfig, task: str) -> list[Example]:
         key: tuple[object, ...] = ("local", task, str(folder), _signature(folder))
     elif data.source == "hub":
         name = {"tc": data.hub_tc, "rc": data.hub_rc, "ts": data.hub_ts}[task]
-        split = data.hub_split or DEFAULT_SPLITS[task]
+        split = hub_split_for(data.hub_split, task)
         p = Path(name).expanduser()
         stamp = _signature(p) if p.is_dir() else ()
         key = ("hub", task, name, split, stamp)

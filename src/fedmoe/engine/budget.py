@@ -76,8 +76,11 @@ class MemoryPlan:
     full_bytes: float  #: training bytes of the full MoE
     num_experts: list[int]
 
-    def submodel_bytes(self, kept: list[list[int]]) -> float:
-        return self.table.dense_bytes + sum(float(self.table.expert_bytes[i, j]) for i, ids in enumerate(kept) for j in ids)
+    def submodel_bytes(self, kept: list[list[int]], checkpointing: bool = False) -> float:
+        """Training bytes of a sub-MoE, with the checkpointed costs when ``checkpointing`` and the
+        plan has them (``train.gradient_checkpointing = "auto"``)."""
+        dense, eb = self.table.costs(checkpointing)
+        return dense + sum(float(eb[i, j]) for i, ids in enumerate(kept) for j in ids)
 
 
 def plan_memory(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig, client_ids: list[int]) -> MemoryPlan:
@@ -93,12 +96,17 @@ def plan_memory(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig, clie
     total_experts = float(experts.sum())
     budgets = draw_budgets(len(client_ids), dense + s.budget_low * total_experts,
                            dense + s.budget_high * total_experts, cfg.seed)
-    if cfg.train.gradient_checkpointing:  # budgets are the devices' memory; the costs drop
+    checkpointed = None
+    if cfg.train.gradient_checkpointing in (True, "auto"):  # budgets are the devices' memory; the costs drop
         d_saving, e_saving = _checkpointing_saving(model, family, cfg)
-        dense -= d_saving * RUNTIME_SLACK
-        experts = experts - e_saving[:, :experts.shape[1]] * RUNTIME_SLACK
+        checkpointed = (float(dense - d_saving * RUNTIME_SLACK), experts - e_saving[:, :experts.shape[1]] * RUNTIME_SLACK)
+    if cfg.train.gradient_checkpointing is True:  # everyone trains with it
+        (dense, experts), checkpointed = checkpointed, None
         full = float(dense + experts.sum())
-    table = MemoryTable(float(dense), experts, {cid: float(b) for cid, b in zip(client_ids, budgets, strict=True)})
+    # "auto": the plain costs stay the table's; the search gives a client the checkpointed ones
+    # when they buy it experts (fedmoe.algorithms.fedmoe.initial_expert_sets)
+    table = MemoryTable(float(dense), experts, {cid: float(b) for cid, b in zip(client_ids, budgets, strict=True)},
+                        checkpointed)
     return MemoryPlan(table, full, [b.num_experts for b in family.blocks(model)])
 
 

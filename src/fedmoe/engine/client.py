@@ -7,6 +7,7 @@ it would deserialise from the one-time base payload, whose bytes are counted).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,19 +86,23 @@ def main_metric(task: Any, scores: dict[str, float]) -> float:
 
 def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: Trainables, download: bytes,
                seed: int, measure: Any, plan: ClientPlan | None = None, deadline: Deadline | None = None,
-               fault: str | None = None) -> tuple[ClientReply, Any]:
+               fault: str | None = None, checkpointing: bool | None = None) -> tuple[ClientReply, Any]:
     """Train ``sub`` (with the downloaded trainable tensors) on the client's data.
 
     ``measure(fn)`` runs ``fn`` and returns ``(result, peak_bytes)``. ``deadline`` is checked
     after every local step and after validation (:class:`~fedmoe.engine.faults.ClientTimeout`).
     ``fault`` (tests and drills only) makes this client misbehave as
     :data:`~fedmoe.engine.faults.FAULT_KINDS` describes.
+    ``checkpointing``: train with gradient checkpointing (None: only if ``train.gradient_checkpointing``
+    is ``true``; the server resolves ``"auto"`` per client, ``Strategy.uses_checkpointing``).
     Returns the reply and the trained model (for the caller's bookkeeping).
     """
     task = ctx.tasks[client.task]
     plan = plan or ClientPlan()
     deadline = deadline or Deadline(0)
     extra_bytes = to_bytes(plan.extra_down or {})
+    on = ctx.cfg.train.gradient_checkpointing is True if checkpointing is None else checkpointing
+    train_cfg = dataclasses.replace(ctx.cfg.train, gradient_checkpointing=bool(on))
 
     def work():
         model = trainables.wrap(sub).to(ctx.device)
@@ -114,7 +119,7 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
         if fault == "timeout":
             deadline.hang()
         res: LocalResult = local_train(model, ctx.family, ctx.kind, task, list(client.train), ctx.tokenizer,
-                                       ctx.cfg.train, ctx.cfg.data, ctx.device, seed, hooks)
+                                       train_cfg, ctx.cfg.data, ctx.device, seed, hooks)
         extra_up = extra_up_fn(model, extra_down, res) if extra_up_fn else None
         inner = model.base_model.model if hasattr(model, "peft_config") else model
         with RoutingStats(inner, ctx.family, eos_token_id=_eos_id(ctx.tokenizer)) as stats:

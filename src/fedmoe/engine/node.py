@@ -103,13 +103,14 @@ def client_turn(node: NodeState, cid: int, kept: list[list[int]], download: dict
                 extra_down: dict[str, torch.Tensor] | None = None,
                 measure: Callable[[Callable[[], Any]], tuple[Any, int]] | None = None,
                 fault: str | None = None, *, node_plan: str = "", client_kind: str = "",
-                folder: Path | None = None, rnd: int = 0) -> ClientReply:
+                folder: Path | None = None, rnd: int = 0, checkpointing: bool | None = None) -> ClientReply:
     """Client half: extract the sub-MoE from the node's base model and run :func:`run_client`
     (with the node's ``engine.client_timeout_s`` and, for drills, an injected ``fault``).
 
     ``node_plan``: the algorithm's client code (:mod:`fedmoe.engine.node_plans`), with its
     store in ``folder``; ``client_kind``: the strategy's own client trainables, kept in
-    ``folder``; ``rnd``: the round (FLEx restores the newest personal file of an earlier one).
+    ``folder``; ``rnd``: the round (FLEx restores the newest personal file of an earlier one);
+    ``checkpointing``: gradient checkpointing as the server chose it (None: ``train.gradient_checkpointing is True``).
     """
     client = node.clients[cid]
     sub = extract(node.base, kept, node.family)
@@ -122,7 +123,8 @@ def client_turn(node: NodeState, cid: int, kept: list[list[int]], download: dict
         cplan = ClientPlan(extra_down=extra_down or None, node_plan=node_plan,
                            store=DiskStore(folder) if folder is not None else None)
     reply, _ = run_client(node.ctx, client, sub, trainables, to_bytes(download), seed,
-                          measure or measure_fn(node.cfg), cplan, Deadline(node.cfg.engine.client_timeout_s), fault)
+                          measure or measure_fn(node.cfg), cplan, Deadline(node.cfg.engine.client_timeout_s), fault,
+                          checkpointing)
     return reply
 
 

@@ -26,6 +26,8 @@ class ClientRecord:
     #: the turn used more than its budget: measured peak > budget_bytes (predicted, when memory
     #: is not measured: ``engine.measure_memory = false`` or a failed turn)
     over_budget: bool = False
+    #: the turn trained with gradient checkpointing (``train.gradient_checkpointing``; "auto": the search chose it)
+    gradient_checkpointing: bool = False
 
     def judge_budget(self) -> None:
         used = self.peak_memory_bytes or self.predicted_memory_bytes

@@ -101,6 +101,8 @@ class ClientJob:
     trainables: Trainables | None = None
     #: modelled setup traffic the strategy reports (``ClientPlan.setup_*_bytes``): down, up, base
     setup_bytes: tuple[int, int, int] = (0, 0, 0)
+    #: train with gradient checkpointing (``Strategy.uses_checkpointing``)
+    checkpointing: bool = False
     #: the strategy's client code, by name (``ClientPlan.node_plan``; "" = none)
     node_plan: str = ""
     #: the strategy's client trainables, by name (``Strategy.client_kind``; "" = the default)
@@ -142,7 +144,8 @@ def prepare_client(run: Run, cid: int, kept: list[list[int]], stage: int, rnd: i
     setup = (cplan.setup_down_bytes, cplan.setup_up_bytes, cplan.setup_base_bytes) if cplan else (0, 0, 0)
     return ClientJob(cid, client.task, stage, rnd, client_seed(run.cfg, rnd, cid), [list(k) for k in kept],
                      sub.expert_map, download, extra, template, trainables, setup,
-                     node_plan=cplan.node_plan if cplan else "", client_kind=kind)
+                     node_plan=cplan.node_plan if cplan else "", client_kind=kind,
+                     checkpointing=run.strategy.uses_checkpointing(run, cid, stage))
 
 
 def prepare_evaluation(run: Run, cid: int, kept: list[list[int]]) -> ClientJob:
@@ -213,9 +216,9 @@ def _record(run: Run, job: ClientJob, *, bytes_down: int, bytes_down_base: int, 
     return ClientRecord(
         client_id=job.client_id, task=client.task, stage=job.stage, loss=loss, score=score,
         num_examples=len(client.train), bytes_down_base=bytes_down_base, bytes_down=bytes_down, bytes_up=bytes_up,
-        peak_memory_bytes=int(peak), predicted_memory_bytes=int(run.plan.submodel_bytes(job.kept)),
+        peak_memory_bytes=int(peak), predicted_memory_bytes=int(run.plan.submodel_bytes(job.kept, job.checkpointing)),
         budget_bytes=int(client.budget_bytes or 0), num_experts=sum(len(k) for k in job.kept), steps=steps,
-        error=error,
+        error=error, gradient_checkpointing=job.checkpointing,
     )
 
 

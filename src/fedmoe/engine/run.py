@@ -120,16 +120,18 @@ class Run:
         seed = self.cfg.seed * 100_003 + rnd * 1_009 + cid
         cplan = self.strategy.client_plan(self, cid, kept)
         setup = cplan or ClientPlan()
+        ckpt = self.strategy.uses_checkpointing(self, cid, stage)
         record = ClientRecord(
             client_id=cid, task=client.task, stage=stage, loss=0.0, score=0.0, num_examples=len(client.train),
             bytes_down_base=base_bytes + setup.setup_base_bytes, bytes_down=len(download) + setup.setup_down_bytes,
-            bytes_up=setup.setup_up_bytes, peak_memory_bytes=0, predicted_memory_bytes=int(self.plan.submodel_bytes(kept)),
+            bytes_up=setup.setup_up_bytes, peak_memory_bytes=0, predicted_memory_bytes=int(self.plan.submodel_bytes(kept, ckpt)),
             budget_bytes=int(client.budget_bytes or 0), num_experts=sum(len(k) for k in kept), steps=0,
+            gradient_checkpointing=ckpt,
         )
         reply = None
         try:
             reply, model = run_client(self.ctx, client, sub, trainables, download, seed, self._measure, cplan,
-                                      Deadline(self.cfg.engine.client_timeout_s), self.faults.get((rnd, cid)))
+                                      Deadline(self.cfg.engine.client_timeout_s), self.faults.get((rnd, cid)), ckpt)
             record.bytes_down += reply.extra_down_bytes
             record.bytes_up += len(reply.upload) + reply.extra_up_bytes  # a rejected reply still crossed
             upload = from_wire(from_bytes(reply.upload), wire)

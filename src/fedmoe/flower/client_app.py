@@ -112,7 +112,8 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
     settings, req, node, folder = _checked_request(content, run_config, node_config, run_id)
     reply = client_turn(node, req.client_id, req.expert_map.kept, req.download, req.seed, req.extra_down,
                         measure_fn(node.cfg), fault=settings.faults.get((req.round, req.client_id)),
-                        node_plan=req.node_plan, client_kind=req.client_kind, folder=folder, rnd=req.round)
+                        node_plan=req.node_plan, client_kind=req.client_kind, folder=folder, rnd=req.round,
+                        checkpointing=req.checkpointing)
     return reply_content(reply, from_bytes(reply.upload), req.client_id, req.round)
 
 

@@ -71,6 +71,8 @@ CFG_FINGERPRINT = "config-sha256"
 CFG_NODE_PLAN = "node-plan"
 #: name of the strategy's client trainables (``Strategy.client_kind``; "" = the default)
 CFG_CLIENT_KIND = "client-kind"
+#: the turn trains with gradient checkpointing (``ClientJob.checkpointing``)
+CFG_CHECKPOINTING = "gradient-checkpointing"
 #: number of test examples behind an evaluation reply's scores (the weight of the client)
 CFG_NUM_EXAMPLES = "num-examples"
 CFG_PARTITION_ID = NODE_PARTITION_ID

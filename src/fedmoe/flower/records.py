@@ -97,6 +97,7 @@ class TrainRequest:
     fingerprint: str
     node_plan: str = ""
     client_kind: str = ""
+    checkpointing: bool = False
 
 
 def job_content(job: ClientJob, fingerprint: str) -> RecordDict:
@@ -108,7 +109,7 @@ def job_content(job: ClientJob, fingerprint: str) -> RecordDict:
     content[K.REC_CONFIG] = ConfigRecord({
         K.CFG_CLIENT_ID: job.client_id, K.CFG_ROUND: job.round, K.CFG_STAGE: job.stage, K.CFG_SEED: job.seed,
         K.CFG_EXPERT_MAP: job.expert_map.to_json(), K.CFG_FINGERPRINT: fingerprint,
-        K.CFG_NODE_PLAN: job.node_plan, K.CFG_CLIENT_KIND: job.client_kind,
+        K.CFG_NODE_PLAN: job.node_plan, K.CFG_CLIENT_KIND: job.client_kind, K.CFG_CHECKPOINTING: job.checkpointing,
     })
     return content
 
@@ -122,7 +123,7 @@ def parse_request(content: RecordDict) -> TrainRequest:
         seed=int(cfg[K.CFG_SEED]), expert_map=ExpertMap.from_json(str(cfg[K.CFG_EXPERT_MAP])),
         download=record_to_state(content[K.REC_TRAINABLES]), extra_down=extra,
         fingerprint=str(cfg[K.CFG_FINGERPRINT]), node_plan=str(cfg.get(K.CFG_NODE_PLAN, "")),
-        client_kind=str(cfg.get(K.CFG_CLIENT_KIND, "")),
+        client_kind=str(cfg.get(K.CFG_CLIENT_KIND, "")), checkpointing=bool(cfg.get(K.CFG_CHECKPOINTING, False)),
     )
 
 

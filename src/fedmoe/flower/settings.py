@@ -43,6 +43,33 @@ def parse_faults(text: str) -> dict[tuple[int, int], str]:
     return _parse_faults(text, key=K.RUN_INJECT_FAULT)
 
 
+#: the app's own run-config keys; every other key names an experiment config key (flat, like FlowerTune's)
+APP_KEYS = frozenset({K.RUN_EXPERIMENT, K.RUN_OVERRIDES, K.RUN_OUT_DIR, K.RUN_ROUND_TIMEOUT, K.RUN_DISCOVERY_TIMEOUT,
+                      K.RUN_INJECT_FAULT, K.RUN_OUT_PATH, K.RUN_NODE_STATE_DIR})
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def flat_overrides(rc: Mapping[str, Any]) -> list[str]:
+    """Experiment settings given as flat run-config keys (``model.name``, ``train.lr``,
+    ``setting.num-clients``; ``-`` or ``_``) → ``--set`` overrides, in key order. A value ``""``
+    leaves the experiment file's value (the pyproject defaults are ``""``). Keys are checked when
+    the config loads: an unknown one is one ConfigError naming it and the nearest valid key."""
+    out = []
+    for key in sorted(k for k in rc if k not in APP_KEYS):
+        value = rc[key]
+        if value == "":
+            continue
+        out.append(f"{key.replace('-', '_')}={_toml_value(value)}")
+    return out
+
+
 def resolve_path(path: str) -> Path:
     """An existing file: ``path`` itself, else relative to the working directory, else to a
     ``sys.path`` entry (Flower puts the installed app's directory there)."""
@@ -57,7 +84,11 @@ def resolve_path(path: str) -> Path:
 
 @dataclass(frozen=True)
 class AppSettings:
-    """The app's run config (``[tool.flwr.app.config]`` plus ``--run-config`` overrides)."""
+    """The app's run config (``[tool.flwr.app.config]`` plus ``--run-config`` overrides).
+
+    The experiment config is: the ``experiment`` file, then the flat experiment keys
+    (:func:`flat_overrides`), then the ``overrides`` string (``"a.b=1; c.d=x"``), later ones winning.
+    """
 
     experiment: str = DEFAULT_EXPERIMENT
     overrides: tuple[str, ...] = ()
@@ -72,7 +103,7 @@ class AppSettings:
     def from_run_config(cls, rc: Mapping[str, Any]) -> AppSettings:
         return cls(
             experiment=str(rc.get(K.RUN_EXPERIMENT, DEFAULT_EXPERIMENT)),
-            overrides=tuple(parse_overrides(str(rc.get(K.RUN_OVERRIDES, "")))),
+            overrides=(*flat_overrides(rc), *parse_overrides(str(rc.get(K.RUN_OVERRIDES, "")))),
             out_dir=str(rc.get(K.RUN_OUT_DIR, DEFAULT_OUT_DIR)),
             round_timeout=float(rc.get(K.RUN_ROUND_TIMEOUT, DEFAULT_ROUND_TIMEOUT)),
             discovery_timeout=float(rc.get(K.RUN_DISCOVERY_TIMEOUT, DEFAULT_DISCOVERY_TIMEOUT)),

@@ -162,7 +162,7 @@ def local_train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     balance = LoadBalance(model, family)
-    if train_cfg.gradient_checkpointing:
+    if train_cfg.gradient_checkpointing is True:  # "auto" is resolved per client turn (engine/client.py)
         from fedmoe.moe.memory.checkpointing import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)

@@ -60,6 +60,12 @@ class Strategy:
     def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan | None:
         return None
 
+    def uses_checkpointing(self, run: Run, cid: int, stage: int) -> bool:
+        """Whether client ``cid`` trains with gradient checkpointing this turn. Default: only when
+        ``train.gradient_checkpointing`` is ``true`` (``"auto"`` buys experts only where a strategy
+        searches expert sets under the memory plan: FedMoE/randomMoE)."""
+        return run.cfg.train.gradient_checkpointing is True
+
     def client_trainables(self, run: Run, cid: int, rnd: int | None) -> Trainables:
         """How client ``cid`` wraps its sub-MoE and what travels, in round ``rnd`` (None: final evaluation).
 

@@ -100,6 +100,13 @@ class FedMoEStrategy(Strategy):
                                                   exclude_unfit=fc.exclude_unfit, reported=self.reports.keys())
         self.start_counts = algo.expert_count_stats(self.state)
 
+    def uses_checkpointing(self, run: Run, cid: int, stage: int) -> bool:
+        """``"auto"``: stage-2 turns of clients whose initial search chose checkpointing (stage 1
+        trains the full MoE on memory-rich clients, without it)."""
+        if run.cfg.train.gradient_checkpointing == "auto":
+            return stage == 2 and cid in self.state.checkpointing
+        return super().uses_checkpointing(run, cid, stage)
+
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state, "reports": self.reports, "start_counts": self.start_counts}
 
