@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=None, help="override (default: small tiny run)")
     ap.add_argument("--modes", default="fresh,cached", help="comma-separated: fresh, cached (interleaved)")
     ap.add_argument("--reps", type=int, default=2, help="runs per mode (interleaved)")
+    ap.add_argument("--warmup", type=int, default=1, help="unreported runs first")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update results.md")
     args = ap.parse_args(argv)
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock()
     install(clock)
     modes = args.modes.split(",")
-    one_run(cfg, clock, modes[-1])  # warm-up (imports, first-call costs), not reported
+    for _ in range(args.warmup):
+        one_run(cfg, clock, modes[-1])  # imports and first-call costs, not reported
     load0 = load_avg()
     runs: dict[str, list[tuple[list[dict[str, Any]], float]]] = {m: [] for m in modes}
     for _ in range(args.reps):
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                       "aggregation s", "recommendation s", "serialisation s", "other s", "server share"], rows)
     med = {m: statistics.median(share(totals(rr), SERVER) for rr, _ in runs[m]) for m in modes}
     cmd = (f"OMP_NUM_THREADS=1 python benchmarks/system/server_overhead.py --modes {args.modes} --reps {args.reps} "
-           f"--threads {args.threads}" + ("" if args.config == "configs/tiny.toml" else f" --config {args.config}")
+           f"--threads {args.threads} --warmup {args.warmup}" + ("" if args.config == "configs/tiny.toml" else f" --config {args.config}")
            + ("" if args.sets is None else "".join(f" --set {s}" for s in sets)))
     body = (
         "## Server overhead per round\n\n"
