@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=2, help="runs per mode (interleaved)")
     ap.add_argument("--warmup", type=int, default=1, help="unreported runs first")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--section", default="server_overhead", help="results.md section to replace")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update results.md")
     args = ap.parse_args(argv)
     sets = DEFAULT_SETS if args.sets is None else args.sets
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
            f"--threads {args.threads} --warmup {args.warmup}" + ("" if args.config == "configs/tiny.toml" else f" --config {args.config}")
            + ("" if args.sets is None else "".join(f" --set {s}" for s in sets)))
     body = (
-        "## Server overhead per round\n\n"
+        f"## Server overhead per round ({cfg.model.name})\n\n"
         f"Command: `{cmd}` (config `{args.config}`, overrides `{' '.join(sets)}`; algorithm `{cfg.algorithm}`, "
         f"model `{cfg.model.name}`).\n\n"
         f"Machine: {machine()}; load average {load0:.1f} → {load1:.1f} (shared machine: other jobs were running). "
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(body)
     if not args.no_write:
-        print(f"wrote {write_section('server_overhead', body)}")
+        print(f"wrote {write_section(args.section, body)}")
     return 0
 
 
