@@ -4,20 +4,29 @@ Runs one in-process experiment (default ``configs/tiny.toml``, FedMoE, small ove
 timing wrappers installed on engine functions from the outside (monkeypatch style; no engine
 file is edited):
 
-* **extraction** — ``fedmoe.engine.run.extract`` (the server builds each sampled client's
-  sub-MoE; the engine calls it twice per client turn: the base sub-MoE and the trainable
-  template);
+* **client** — ``run_client`` (the simulated client's local training and validation);
+* **client extraction** — ``fedmoe.engine.run.extract``: the sub-MoE the simulated client trains
+  (in a deployment the node extracts it from its own base model, not the server);
+* **templates** — ``TemplateCache.get``: the server's wrapped sub-MoE it shapes downloads and
+  reads uploads with (extraction + peft wrapping; built once per expert-count shape, or — mode
+  ``fresh``, the previous behaviour — once per client turn);
 * **aggregation** — the strategy's ``aggregate`` plus ``Trainables.to_update`` (unpacking each
   upload into per-expert slices);
 * **recommendation** — the strategy's ``after_round`` (record p / scores, expert
   recommendation, revert-and-freeze) and ``plan`` (sampling; stage-1 p prediction and θ search
   at the first stage-2 round). ``plan`` runs before a round's timer starts, so it is added to
   the round's wall time for the shares;
-* **serialisation** — ``to_bytes`` / ``from_bytes`` called by the server (payloads and the
-  one-time base-weight accounting);
-* **client** — ``run_client`` (the simulated client's local training and validation).
+* **serialisation** — ``to_bytes`` / ``from_bytes`` called by the server (payloads);
+* **other** = round wall time − all of the above: the rest of the server's turn (shaping the
+  download, checking the upload, base-weight byte count, records).
 
-"other" = round wall time − all of the above (PEFT wrapping, bookkeeping).
+Server share = (templates + aggregation + recommendation + other) / round wall time: everything
+the server does in a deployment except serialisation. The previous definition (client
+extraction + aggregation + recommendation, "other" left out) is reported beside it.
+
+Modes, run interleaved in one process (``--modes fresh,cached --reps 2``): ``cached`` (the
+engine's default) and ``fresh`` (``fedmoe.engine.templates.CAPACITY = 0``: a template extracted
+and wrapped for every client turn, as before).
 
 Usage: ``python benchmarks/system/server_overhead.py [--config configs/tiny.toml] [--set k=v ...]``.
 """
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +52,9 @@ DEFAULT_SETS = [
     "fedmoe.stage1_rounds=1", "fedmoe.rounds=3", "train.max_local_steps=2",
     "engine.measure_memory=false", "engine.checkpoint_every=0",
 ]
-PARTS = ("client", "extraction", "aggregation", "recommendation", "serialisation")
+PARTS = ("client", "extraction", "templates", "aggregation", "recommendation", "serialisation")
+SERVER = ("templates", "aggregation", "recommendation", "other")
+OLD_SERVER = ("extraction", "aggregation", "recommendation")
 
 
 class Clock:
@@ -78,6 +90,7 @@ class Clock:
 def install(clock: Clock) -> None:
     """Wrap the engine's functions (module attributes and classes) with the clock."""
     import fedmoe.engine.run as run_mod
+    from fedmoe.engine.templates import TemplateCache
     from fedmoe.engine.trainables import Trainables
 
     run_mod.extract = clock.wrap(run_mod.extract, "extraction")
@@ -85,6 +98,7 @@ def install(clock: Clock) -> None:
     run_mod.to_bytes = clock.wrap(run_mod.to_bytes, "serialisation")
     run_mod.from_bytes = clock.wrap(run_mod.from_bytes, "serialisation")
     Trainables.to_update = clock.wrap(Trainables.to_update, "aggregation")
+    TemplateCache.get = clock.wrap(TemplateCache.get, "templates")
 
     original_get = run_mod.get_strategy
 
@@ -111,62 +125,110 @@ def install(clock: Clock) -> None:
     run_mod.Run.round = round_
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/tiny.toml")
-    ap.add_argument("--set", dest="sets", action="append", default=None, help="override (default: small tiny run)")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not update results.md")
-    args = ap.parse_args(argv)
-    sets = DEFAULT_SETS if args.sets is None else args.sets
-    from fedmoe.config import load_config
-
-    cfg = load_config(REPO / args.config, sets)
-    clock = Clock()
-    install(clock)
+def one_run(cfg: Any, clock: Clock, mode: str) -> tuple[list[dict[str, Any]], float]:
+    """One experiment in ``mode``; its rounds' buckets and the whole run's seconds."""
+    from fedmoe.engine import templates
     from fedmoe.engine.run import run_experiment
 
-    load0 = load_avg()
+    templates.CAPACITY = 0 if mode == "fresh" else CACHED_CAPACITY
+    clock.rounds = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         run_experiment(cfg, out)
-    total = time.perf_counter() - t0
-    load1 = load_avg()
+    return clock.rounds, time.perf_counter() - t0
 
-    rows, sums = [], defaultdict(float)
-    for r in clock.rounds:
-        other = r["wall"] - sum(r.get(k, 0.0) for k in PARTS)
-        server = sum(r.get(k, 0.0) for k in ("extraction", "aggregation", "recommendation"))
+
+def totals(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    sums: dict[str, float] = defaultdict(float)
+    for r in rounds:
         for k in (*PARTS, "wall"):
             sums[k] += r.get(k, 0.0)
-        sums["other"] += other
+        sums["other"] += r["wall"] - sum(r.get(k, 0.0) for k in PARTS)
+    return sums
+
+
+def share(sums: dict[str, float], parts: tuple[str, ...]) -> float:
+    return 100 * sum(sums[k] for k in parts) / sums["wall"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    global CACHED_CAPACITY
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/tiny.toml")
+    ap.add_argument("--set", dest="sets", action="append", default=None, help="override (default: small tiny run)")
+    ap.add_argument("--modes", default="fresh,cached", help="comma-separated: fresh, cached (interleaved)")
+    ap.add_argument("--reps", type=int, default=2, help="runs per mode (interleaved)")
+    ap.add_argument("--warmup", type=int, default=1, help="unreported runs first")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--section", default="server_overhead", help="results.md section to replace")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update results.md")
+    args = ap.parse_args(argv)
+    sets = DEFAULT_SETS if args.sets is None else args.sets
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from fedmoe.config import load_config
+    from fedmoe.engine import templates
+
+    CACHED_CAPACITY = templates.CAPACITY
+    cfg = load_config(REPO / args.config, sets)
+    clock = Clock()
+    install(clock)
+    modes = args.modes.split(",")
+    for _ in range(args.warmup):
+        one_run(cfg, clock, modes[-1])  # imports and first-call costs, not reported
+    load0 = load_avg()
+    runs: dict[str, list[tuple[list[dict[str, Any]], float]]] = {m: [] for m in modes}
+    for _ in range(args.reps):
+        for m in modes:
+            runs[m].append(one_run(cfg, clock, m))
+    load1 = load_avg()
+
+    summary_rows = []
+    for m in modes:
+        for i, (rounds, total) in enumerate(runs[m]):
+            s = totals(rounds)
+            summary_rows.append([m, str(i + 1), f"{s['wall']:.2f}", f"{total:.1f}"]
+                                + [f"{s[k]:.3f} ({100 * s[k] / s['wall']:.1f} %)" for k in (*PARTS, "other")]
+                                + [f"**{share(s, SERVER):.1f} %**", f"{share(s, OLD_SERVER):.1f} %"])
+    head = ["mode", "run", "rounds wall s", "whole run s", "client s", "client extraction s", "templates s",
+            "aggregation s", "recommendation s", "serialisation s", "other s", "server share", "old definition"]
+    summary = md_table(head, summary_rows)
+    last_mode = modes[-1]
+    rows = []
+    for r in runs[last_mode][-1][0]:
+        other = r["wall"] - sum(r.get(k, 0.0) for k in PARTS)
+        srv = sum(r.get(k, 0.0) for k in SERVER if k != "other") + other
         rows.append([str(r["round"]), str(r["stage"]), str(r["clients"]), f"{r['wall']:.2f}"]
-                    + [f"{r.get(k, 0.0):.3f}" for k in PARTS] + [f"{other:.3f}", f"{100 * server / r['wall']:.1f} %"])
-    wall = sums["wall"]
-    server = sum(sums[k] for k in ("extraction", "aggregation", "recommendation"))
-    rows.append(["all", "", "", f"{wall:.2f}"] + [f"{sums[k]:.3f} ({100 * sums[k] / wall:.1f} %)" for k in PARTS]
-                + [f"{sums['other']:.3f} ({100 * sums['other'] / wall:.1f} %)", f"**{100 * server / wall:.1f} %**"])
-    table = md_table(["round", "stage", "clients", "wall s", "client s", "extraction s", "aggregation s",
-                      "recommendation s", "serialisation s", "other s", "server share"], rows)
-    cmd = "python benchmarks/system/server_overhead.py" + ("" if args.sets is None else
-                                                            "".join(f" --set {s}" for s in sets))
+                    + [f"{r.get(k, 0.0):.3f}" for k in PARTS] + [f"{other:.3f}", f"{100 * srv / r['wall']:.1f} %"])
+    table = md_table(["round", "stage", "clients", "wall s", "client s", "client extraction s", "templates s",
+                      "aggregation s", "recommendation s", "serialisation s", "other s", "server share"], rows)
+    med = {m: statistics.median(share(totals(rr), SERVER) for rr, _ in runs[m]) for m in modes}
+    cmd = (f"OMP_NUM_THREADS=1 python benchmarks/system/server_overhead.py --modes {args.modes} --reps {args.reps} "
+           f"--threads {args.threads} --warmup {args.warmup}" + ("" if args.config == "configs/tiny.toml" else f" --config {args.config}")
+           + ("" if args.sets is None else "".join(f" --set {s}" for s in sets)))
     body = (
-        "## Server overhead per round\n\n"
+        f"## Server overhead per round ({cfg.model.name})\n\n"
         f"Command: `{cmd}` (config `{args.config}`, overrides `{' '.join(sets)}`; algorithm `{cfg.algorithm}`, "
         f"model `{cfg.model.name}`).\n\n"
         f"Machine: {machine()}; load average {load0:.1f} → {load1:.1f} (shared machine: other jobs were running). "
-        f"Whole run {total:.1f} s (setup and final test included).\n\n"
-        f"{table}\n\n"
-        f"Server share = (extraction + aggregation + recommendation) / round wall time; over all rounds "
-        f"**{100 * server / wall:.1f} %** (serialisation adds {100 * sums['serialisation'] / wall:.1f} %). "
-        "The model here is tiny and clients take 1–2 local steps; with a larger model extraction grows with the "
-        "sub-MoE's bytes (see the throughput section for its cost per byte) and aggregation with the trainable "
-        "bytes uploaded, while client training grows with model size × local steps.\n"
+        "Runs interleaved in one process; `fresh` = a template extracted and wrapped for every client turn (the "
+        "engine before template caching), `cached` = the engine now.\n\n"
+        f"{summary}\n\n"
+        f"Per round, last `{last_mode}` run:\n\n{table}\n\n"
+        "Server share = (templates + aggregation + recommendation + other) / round wall time — everything the "
+        "server does in a deployment except serialisation; \"old definition\" = (client extraction + aggregation "
+        "+ recommendation) / wall, the figure this section reported before (it left the server's template and "
+        "checks in \"other\" out and counted the simulated client's extraction in). Median server share: "
+        + ", ".join(f"`{m}` **{v:.1f} %**" for m, v in med.items()) + ".\n"
     )
     print(body)
     if not args.no_write:
-        print(f"wrote {write_section('server_overhead', body)}")
+        print(f"wrote {write_section(args.section, body)}")
     return 0
 
+
+CACHED_CAPACITY = 8
 
 if __name__ == "__main__":
     sys.exit(main())

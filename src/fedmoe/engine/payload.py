@@ -86,16 +86,24 @@ def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return _restore(load(data), _header(data).get("__metadata__"))
 
 
-def payload_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+def payload_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 wire_dtype: str = "fp32") -> int:
     """``len(to_bytes(tensors))`` computed from names, dtypes and shapes (nothing serialised).
 
-    Extra ``metadata`` is counted as if it were written too.
+    Extra ``metadata`` is counted as if it were written too. ``wire_dtype``: the size of
+    ``to_bytes(to_wire(tensors, wire_dtype))`` (float32 tensors counted in that dtype; nothing cast).
+    Tensors on the ``meta`` device count by their shape (never de-duplicated).
     """
     if not tensors:
         return 0
     unique, aliases = dedupe(tensors)
     meta = {**(metadata or {}), **aliases}
-    rows = sorted(((_NAME[v.dtype], k, v.numel() * v.element_size(), list(v.shape)) for k, v in unique.items()),
+    wire = WIRE_DTYPES[wire_dtype]
+
+    def dtype_of(v: torch.Tensor) -> torch.dtype:
+        return wire if v.dtype == torch.float32 else v.dtype
+
+    rows = sorted(((_NAME[dtype_of(v)], k, v.numel() * dtype_of(v).itemsize, list(v.shape)) for k, v in unique.items()),
                   key=lambda r: (-_ORDER.index(r[0]), r[1]))
     parts, offset = [], 0
     if meta:
@@ -133,11 +141,24 @@ WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 
 def to_wire(tensors: dict[str, torch.Tensor], wire_dtype: str = "fp32") -> dict[str, torch.Tensor]:
-    """Cast float32 tensors to ``wire_dtype`` for sending (other dtypes travel unchanged)."""
+    """Cast float32 tensors to ``wire_dtype`` for sending (other dtypes travel unchanged).
+    Names of one tensor (tied weights) stay one tensor, so it is still sent once."""
     dtype = WIRE_DTYPES[wire_dtype]
     if dtype == torch.float32:
         return tensors
-    return {k: v.detach().to(dtype) if v.dtype == torch.float32 else v for k, v in tensors.items()}
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, v in tensors.items():
+        if v.dtype != torch.float32:
+            out[k] = v
+        elif v.device.type == "meta" or not v.numel():
+            out[k] = v.detach().to(dtype)
+        else:
+            key = _key(v)
+            if key not in cast:
+                cast[key] = v.detach().to(dtype)
+            out[k] = cast[key]
+    return out
 
 
 def from_wire(tensors: dict[str, torch.Tensor], wire_dtype: str = "fp32") -> dict[str, torch.Tensor]:

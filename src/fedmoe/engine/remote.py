@@ -52,7 +52,7 @@ from fedmoe.engine.run import Run, _jsonable, combine_scores, write_outputs  # n
 from fedmoe.engine.strategies.base import RoundPlan
 from fedmoe.engine.trainables import Trainables
 from fedmoe.errors import ConfigError
-from fedmoe.moe.slicing import ExpertMap, extract
+from fedmoe.moe.slicing import ExpertMap, expert_map_of
 
 
 # -- configuration -----------------------------------------------------------------------
@@ -130,9 +130,9 @@ def prepare_client(run: Run, cid: int, kept: list[list[int]], stage: int, rnd: i
             "without a client kind, which remote nodes cannot build.",
             "run it with the in-process engine (`fedmoe run`), or register a client kind "
             "(fedmoe.engine.node_plans.register_client_kind) and set the strategy's `client_kind`.")
-    sub = extract(run.base, kept, run.family)
-    template = trainables.wrap(sub)
-    download = trainables.for_client(template, sub.expert_map, client.task)
+    expert_map = expert_map_of(run.base, kept, run.family)
+    template = run.templates.get(trainables, kept)
+    download = trainables.for_client(template, expert_map, client.task)
     cplan = run.strategy.client_plan(run, cid, kept)
     if cplan is not None and (cplan.hooks is not None or cplan.extra_up is not None):
         raise ConfigError(
@@ -143,7 +143,7 @@ def prepare_client(run: Run, cid: int, kept: list[list[int]], stage: int, rnd: i
     extra = {k: v.detach().cpu() for k, v in (cplan.extra_down or {}).items()} if cplan else {}
     setup = (cplan.setup_down_bytes, cplan.setup_up_bytes, cplan.setup_base_bytes) if cplan else (0, 0, 0)
     return ClientJob(cid, client.task, stage, rnd, client_seed(run.cfg, rnd, cid), [list(k) for k in kept],
-                     sub.expert_map, download, extra, template, trainables, setup,
+                     expert_map, download, extra, template, trainables, setup,
                      node_plan=cplan.node_plan if cplan else "", client_kind=kind,
                      checkpointing=run.strategy.uses_checkpointing(run, cid, stage))
 
@@ -152,10 +152,10 @@ def prepare_evaluation(run: Run, cid: int, kept: list[list[int]]) -> ClientJob:
     """What a node needs for client ``cid``'s final evaluation (strategies with a client kind):
     the global tensors shaped for its sub-MoE, as ``Run.final_scores`` loads them."""
     client = run.clients[cid]
-    sub = extract(run.base, kept, run.family)
-    template = run.trainables.wrap(sub)
-    download = run.trainables.for_client(template, sub.expert_map, client.task)
-    return ClientJob(cid, client.task, 0, EVAL_ROUND, 0, [list(k) for k in kept], sub.expert_map, download,
+    expert_map = expert_map_of(run.base, kept, run.family)
+    template = run.templates.get(run.trainables, kept)
+    download = run.trainables.for_client(template, expert_map, client.task)
+    return ClientJob(cid, client.task, 0, EVAL_ROUND, 0, [list(k) for k in kept], expert_map, download,
                      client_kind=run.strategy.client_kind)
 
 

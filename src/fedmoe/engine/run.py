@@ -34,6 +34,7 @@ from fedmoe.engine.payload import from_bytes, from_wire, payload_size, save_tens
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.strategies import get_strategy
 from fedmoe.engine.strategies.base import RoundPlan
+from fedmoe.engine.templates import TemplateCache
 from fedmoe.engine.trainables import Trainables
 from fedmoe.errors import RunStopped
 from fedmoe.moe.models import load_model
@@ -84,13 +85,15 @@ class Run:
                                             t.lora_dropout, self.cfg.seed)
         self.base_layout = layout_of(model, self.family)
         self.cache: dict[int, set] = {}  # client → base units (and "dense") it already holds
+        self.templates = TemplateCache(model, self.family)  # the server's wrapped sub-MoEs
         if plan is not None:
             self.plan = plan
 
     # -- one client ------------------------------------------------------------------
     def _base_bytes(self, cid: int, kept: list[list[int]]) -> int:
-        """Serialised size of the base weights this client does not hold yet (sent once),
-        computed from tensor metadata; tied tensors count once (:func:`payload_size`)."""
+        """Serialised size of the base weights this client does not hold yet (sent once, in
+        ``engine.wire_dtype``), computed from tensor metadata; tied tensors count once
+        (:func:`payload_size`). Expert slices are counted by shape (nothing copied)."""
         have = self.cache.setdefault(cid, set())
         state, layout = self.base.state_dict(), self.base_layout
         tensors: dict[str, Any] = {}
@@ -101,9 +104,9 @@ class Run:
             for g in ids:
                 if (i, g) not in have:
                     for n, s in enumerate(layout.experts[(i, g)] + layout.routers[(i, g)]):
-                        tensors[f"{s.key}#{g}#{n}"] = s.read(state)
+                        tensors[f"{s.key}#{g}#{n}"] = _slice_meta(s, state)
                     have.add((i, g))
-        return payload_size(tensors)
+        return payload_size(tensors, wire_dtype=self.cfg.engine.wire_dtype)
 
     def _client(self, cid: int, kept: list[list[int]], stage: int, rnd: int):
         """One client's turn. A turn that raises, runs past ``engine.client_timeout_s`` or sends
@@ -113,7 +116,7 @@ class Run:
         sub = extract(self.base, kept, self.family)
         base_bytes = self._base_bytes(cid, kept)
         trainables = self.strategy.client_trainables(self, cid, rnd)
-        template = trainables.wrap(extract(self.base, kept, self.family))
+        template = self.templates.get(trainables, kept)
         wire = self.cfg.engine.wire_dtype
         sent = trainables.for_client(template, sub.expert_map, client.task)
         download = to_bytes(to_wire(sent, wire))
@@ -230,6 +233,16 @@ class Run:
                          evaluate_client(self.ctx, client, sub, trainables, predictions=self.predictions)))
             notify(self.progress, "evaluated", cid)
         return combine_scores(rows)
+
+
+def _slice_meta(s: Any, state: dict[str, Any]) -> Any:
+    """A ``meta`` tensor shaped like ``s.read(state)`` (a whole tensor is returned as is)."""
+    t = state[s.key]
+    if s.dim is None:
+        return t
+    shape = list(t.shape)
+    shape[s.dim] = len(s.index)
+    return t.new_empty(shape, device="meta")
 
 
 def notify(progress: Any, event: str, *args: Any) -> None:

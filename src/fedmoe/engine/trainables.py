@@ -9,6 +9,7 @@ ships every kept weight.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from fedmoe.moe.lora import apply_lora, load_trainable_state, lora_layout, train
 from fedmoe.moe.slicing import ExpertMap, SubMoE, layout_of
 
 HEAD_TASKS = ("tc", "rc", "ts")
+#: model → its client layouts by (finetune, family, expert sets); entries go with the model
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, UnitLayout]] = weakref.WeakKeyDictionary()
 
 
 def _other_heads(key: str, task: str) -> bool:
@@ -64,9 +67,16 @@ class Trainables:
         return trainable_state(model)
 
     def client_layout(self, model: nn.Module, expert_map: ExpertMap) -> UnitLayout:
-        if self.finetune == "full":
-            return layout_of(model, self.family, expert_map)
-        return lora_layout(model, self.family, expert_map)
+        """Unit layout of ``model``'s client state (global ids via ``expert_map``); computed once
+        per model and expert map (the server reuses its templates; treat the result as read-only)."""
+        memo = _LAYOUTS.setdefault(model, {})
+        key = (self.finetune, self.family.name, tuple(tuple(k) for k in expert_map.kept))
+        if key not in memo:
+            if self.finetune == "full":
+                memo[key] = layout_of(model, self.family, expert_map)
+            else:
+                memo[key] = lora_layout(model, self.family, expert_map)
+        return memo[key]
 
     def load(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if self.finetune == "full":

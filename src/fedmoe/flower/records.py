@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
+from fedmoe.engine.payload import from_wire, to_wire
 from fedmoe.flower import keys as K
 from fedmoe.moe.slicing import ExpertMap
 
@@ -100,10 +101,11 @@ class TrainRequest:
     checkpointing: bool = False
 
 
-def job_content(job: ClientJob, fingerprint: str) -> RecordDict:
-    """The content of a train message: the sub-MoE's trainable tensors, extras, metadata."""
+def job_content(job: ClientJob, fingerprint: str, wire_dtype: str = "fp32") -> RecordDict:
+    """The content of a train message: the sub-MoE's trainable tensors (float32 ones cast to
+    ``engine.wire_dtype``, as the in-process engine sends them), extras, metadata."""
     content = RecordDict()
-    content[K.REC_TRAINABLES] = state_to_record(job.download)
+    content[K.REC_TRAINABLES] = state_to_record(to_wire(job.download, wire_dtype))
     if job.extra_down:
         content[K.REC_EXTRA] = state_to_record(job.extra_down)
     content[K.REC_CONFIG] = ConfigRecord({
@@ -155,12 +157,12 @@ class TrainResult:
     metrics: dict[str, float]
 
 
-def parse_reply(content: RecordDict) -> TrainResult:
-    """Inverse of :func:`reply_content`."""
+def parse_reply(content: RecordDict, wire_dtype: str = "fp32") -> TrainResult:
+    """Inverse of :func:`reply_content`; uploaded ``wire_dtype`` tensors come back as float32."""
     cfg, met = content[K.REC_CONFIG], content[K.REC_METRICS]
     return TrainResult(
         client_id=int(cfg[K.CFG_CLIENT_ID]), round=int(cfg[K.CFG_ROUND]),
-        upload=record_to_state(content[K.REC_TRAINABLES]),
+        upload=from_wire(record_to_state(content[K.REC_TRAINABLES]), wire_dtype),
         extra_up=record_to_state(content[K.REC_EXTRA]) if K.REC_EXTRA in content else {},
         p=np.array(content[K.REC_ROUTING][K.ARR_P].numpy(), dtype=np.float64, copy=True),
         metrics={k: float(met[k]) for k in (K.MET_LOSS, K.MET_SCORE, K.MET_STEPS, K.MET_PEAK_MEMORY)},

@@ -205,7 +205,7 @@ def federated_round(grid: Grid, run: Run, plan: RoundPlan, nodes: NodeDirectory,
         if node is None:
             errors[cid] = f"no SuperNode serves partition {partition_of(cid, nodes.num_partitions)}"
             continue
-        content = job_content(job, fingerprint)
+        content = job_content(job, fingerprint, run.cfg.engine.wire_dtype)
         sent[cid] = content_bytes(content)
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(plan.round)))
         targets.append(cid)
@@ -227,7 +227,7 @@ def federated_round(grid: Grid, run: Run, plan: RoundPlan, nodes: NodeDirectory,
         result = None
         if not error and reply is not None:
             try:
-                result = parse_reply(reply.content)
+                result = parse_reply(reply.content, run.cfg.engine.wire_dtype)
                 if (result.client_id, result.round) != (cid, plan.round):
                     raise ValueError(f"reply is for client {result.client_id} round {result.round}")
             except (KeyError, TypeError, ValueError) as exc:

@@ -87,14 +87,26 @@ def _check_sets(model: nn.Module, family: MoEFamily, kept: list[list[int]]) -> l
     return out
 
 
-def extract(model: nn.Module, kept: list[list[int]], family: MoEFamily | None = None) -> SubMoE:
+def expert_map_of(model: nn.Module, kept: list[list[int]], family: MoEFamily | None = None) -> ExpertMap:
+    """The :class:`ExpertMap` of :func:`extract` ``(model, kept)`` (sets checked, sorted), without extracting."""
+    family = family or family_of(model)
+    return ExpertMap(family.name, [b.num_experts for b in family.blocks(model)], _check_sets(model, family, kept))
+
+
+def extract(model: nn.Module, kept: list[list[int]], family: MoEFamily | None = None, *,
+            share: bool = False) -> SubMoE:
     """Build the sub-MoE of ``model`` that keeps ``kept[i]`` experts in MoE layer ``i``.
 
     The result shares no storage with ``model``. Only the kept experts are copied
     (dropped per-module experts are never materialised).
+
+    ``share``: every tensor that is not sliced (dense weights, buffers, kept per-module experts)
+    is a new parameter *on the same storage* as ``model``'s (nothing copied); only fused expert
+    rows and router rows are copied. For read-only use (the server's templates): writing into
+    such a sub-MoE writes into ``model``.
     """
     family = family or family_of(model)
-    kept = _check_sets(model, family, kept)
+    kept = expert_map_of(model, kept, family).kept
     blocks = family.blocks(model)
     memo: dict[int, object] = {}
     placeholder = torch.empty(0)
@@ -116,6 +128,11 @@ def extract(model: nn.Module, kept: list[list[int]], family: MoEFamily | None = 
                     sub = block.experts.get_submodule(family.per_expert_module.format(j=j))
                     for t in list(sub.parameters()) + list(sub.buffers()):
                         memo[id(t)] = nn.Parameter(placeholder, requires_grad=False)
+    if share:
+        for t in model.parameters():
+            memo.setdefault(id(t), nn.Parameter(t.detach(), requires_grad=t.requires_grad))
+        for t in model.buffers():
+            memo.setdefault(id(t), t)
     sub_model = copy.deepcopy(model, memo)
     for info, ids in zip(blocks, kept, strict=True):
         block = sub_model.get_submodule(info.path)
