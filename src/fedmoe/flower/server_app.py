@@ -1,8 +1,9 @@
 """Flower ServerApp: the engine's rounds over the Message API.
 
 The loop is the in-process engine's, on the same :class:`~fedmoe.engine.run.Run` object
-(model, data, budgets, strategy): the strategy plans each round, every sampled client's
-request is prepared as in ``Run._client`` and sent to the SuperNode serving that client as
+(model, data, budgets, strategy) and the same client turn (:mod:`fedmoe.engine.turn`), with
+:class:`GridTransport` as its transport: the strategy plans each round, every sampled client's
+job is prepared by ``prepare_turn`` and sent to the SuperNode serving that client as
 its own message (its sub-MoE's trainable tensors + expert map + round/seed), replies are
 matched to requests by ``reply_to_message_id``, and the strategy aggregates the successful
 ones and updates expert sets. A client whose turn fails — an error reply (the ClientApp
