@@ -28,7 +28,7 @@ from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.strategies import get_strategy
 from fedmoe.engine.strategies.base import RoundPlan
 from fedmoe.engine.trainables import Trainables
-from fedmoe.engine.turn import InProcess, finish_turn, play_round, prepare_turn
+from fedmoe.engine.turn import InProcess, finish_turn, notify, play_round, prepare_turn
 from fedmoe.errors import RunStopped
 from fedmoe.moe.models import load_model
 from fedmoe.moe.slicing import extract, layout_of
@@ -180,14 +180,6 @@ class Run:
         return combine_scores(rows)
 
 
-def notify(progress: Any, event: str, *args: Any) -> None:
-    """Call ``progress.<event>(*args)`` when the progress object has it (a plain per-client
-    callable has none; :class:`fedmoe.progress.RunMonitor` has them all)."""
-    fn = getattr(progress, event, None)
-    if fn is not None:
-        fn(*args)
-
-
 def combine_scores(rows: list[tuple[str, int, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Per task, the mean of the clients' scores weighted by their test examples;
     ``rows`` = ``(task, num_test_examples, scores)`` in client order."""
@@ -199,14 +191,6 @@ def combine_scores(rows: list[tuple[str, int, dict[str, float]]]) -> dict[str, d
         n = sum(w for w, _ in pairs)
         out[task] = {k: sum(w * s[k] for w, s in pairs) / n for k in pairs[0][1]}
     return out
-
-
-def _reason(exc: BaseException) -> str:
-    """One line for ``rounds.jsonl``: the check's own reason, else ``Type: message``."""
-    from fedmoe.engine.faults import ClientFault
-
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return text if isinstance(exc, ClientFault) else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def empty_streak(rounds: list[RoundRecord]) -> int:

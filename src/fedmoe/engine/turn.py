@@ -29,16 +29,53 @@ from torch import nn
 
 from fedmoe.config import ExperimentConfig
 from fedmoe.engine.client import ClientPlan, ClientReply, run_client
-from fedmoe.engine.faults import Deadline, check_reply, check_update_norm, check_upload, expected_upload
+from fedmoe.engine.faults import (
+    ClientFault,
+    Deadline,
+    check_reply,
+    check_update_norm,
+    check_upload,
+    expected_upload,
+)
 from fedmoe.engine.payload import from_bytes, from_wire, to_bytes, to_wire
+from fedmoe.engine.protocols import RunView
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.trainables import Trainables
 from fedmoe.errors import ConfigError
 from fedmoe.moe.slicing import ExpertMap, SubMoE, extract
 
 if TYPE_CHECKING:
-    from fedmoe.engine.run import Run
     from fedmoe.engine.strategies.base import RoundPlan
+
+
+class Run(RunView, Protocol):
+    """What a client turn uses of :class:`fedmoe.engine.run.Run` besides :class:`RunView`."""
+
+    progress: Any
+    faults: dict[tuple[int, int], str]
+
+    def _measure(self, fn: Any) -> tuple[Any, int]: ...
+
+    def _log_fault(self, rnd: int, cid: int, exc: BaseException) -> None: ...
+
+    def p_by_task(self) -> dict[str, list]: ...
+
+    def finish_round(self, plan: RoundPlan, records: list[ClientRecord], updates: list, replies: dict,
+                     t0: float) -> RoundRecord: ...
+
+
+def notify(progress: Any, event: str, *args: Any) -> None:
+    """Call ``progress.<event>(*args)`` when the progress object has it (a plain per-client
+    callable has none; :class:`fedmoe.progress.RunMonitor` has them all)."""
+    fn = getattr(progress, event, None)
+    if fn is not None:
+        fn(*args)
+
+
+def reason(exc: BaseException) -> str:
+    """One line for ``rounds.jsonl``: the check's own reason, else ``Type: message``."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, ClientFault) else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def client_seed(cfg: ExperimentConfig, rnd: int, cid: int) -> int:
@@ -182,8 +219,6 @@ def finish_turn(run: Run, job: ClientJob, outcome: TurnOutcome, transport: Trans
 
 def play_round(run: Run, plan: RoundPlan, transport: Transport) -> RoundRecord:
     """One round: every sampled client's turn through ``transport``, then ``Run.finish_round``."""
-    from fedmoe.engine.run import notify
-
     if plan.stage == 2 and "after_stage1" not in run.p_snapshots and run.latest_p:
         run.p_snapshots["after_stage1"] = run.p_by_task()
     t0 = time.perf_counter()
@@ -237,7 +272,5 @@ class InProcess:
         self.run = run
 
     def reject(self, rnd: int, cid: int, exc: BaseException) -> str:
-        from fedmoe.engine.run import _reason
-
         self.run._log_fault(rnd, cid, exc)
-        return _reason(exc)
+        return reason(exc)
