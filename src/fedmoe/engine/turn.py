@@ -227,6 +227,7 @@ def play_round(run: Run, plan: RoundPlan, transport: Transport) -> RoundRecord:
     jobs = (prepare_turn(run, cid, plan.sets[cid], plan.stage, plan.round, transport.local) for cid in plan.sampled)
     for job, outcome in transport.exchange(run, plan, jobs):
         rec, upd = finish_turn(run, job, outcome, transport)
+        job.sub = job.template = outcome.model = None  # free this turn's models before the next turn
         records.append(rec)
         if upd is not None:
             assert outcome.reply is not None
