@@ -5,7 +5,7 @@
 What is compared, file by file over the union of both trees:
 
 * ``rounds.jsonl``: every record, with the timing fields (:data:`TIME_KEYS`) removed at any depth;
-* ``summary.json``: the same, after removing :data:`TIME_KEYS`;
+* ``summary.json`` and checkpoints' ``state.json``: the same, after removing :data:`TIME_KEYS`;
 * ``*.safetensors`` (global trainable state, checkpoints, FLEx side experts): every tensor
   bitwise (dtype, shape and bytes) and the metadata;
 * ``manifest.json`` of checkpoints: as JSON without the ``files`` hashes (the files themselves
@@ -124,7 +124,7 @@ def compare_file(a: Path, b: Path, rel: str) -> list[str]:
         if len(ra) != len(rb):
             return [f"{rel}: {len(ra)} vs {len(rb)} records"]
         return [f"{rel}: round record {i} differs" for i, (x, y) in enumerate(zip(ra, rb, strict=True)) if x != y]
-    if name == "summary.json":
+    if name in ("summary.json", "state.json"):  # state.json: a checkpoint's state (round records inside)
         return [] if _strip(json.loads(a.read_text())) == _strip(json.loads(b.read_text())) else [f"{rel}: differs"]
     if name.endswith(".pkl"):
         oa, ob = _pickle_ops(a.read_bytes()), _pickle_ops(b.read_bytes())

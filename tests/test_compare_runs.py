@@ -23,6 +23,8 @@ def _run_dir(root: Path, wall: float = 1.0) -> Path:
     (root / "summary.json").write_text(json.dumps({"scores": {"tc": {"accuracy": 0.25}}, "wall_time_s": wall}))
     (root / "config.toml").write_text('seed = 0\nalgorithm = "fedavg"\n')
     (root / "checkpoints" / "round-00001").mkdir(parents=True)
+    state = {"items": [["rounds", [{"round": 0, "loss": 0.5, "wall_time_s": wall}]]]}  # a checkpoint's state
+    (root / "checkpoints" / "round-00001" / "state.json").write_text(json.dumps(state))
     save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor(1.5, dtype=torch.bfloat16)},
               str(root / "checkpoints" / "round-00001" / "trainable.safetensors"))
     return root
@@ -48,9 +50,12 @@ def test_every_kind_of_difference_is_reported(tmp_path):
     (b / "rounds.jsonl").write_text(lines[0] + "\n" + json.dumps(rec) + "\n")
     (b / "config.toml").write_text('seed = 1\nalgorithm = "fedavg"\n')
     (b / "extra.json").write_text("{}")
+    state = b / "checkpoints" / "round-00001" / "state.json"
+    state.write_text(state.read_text().replace('"loss": 0.5', '"loss": 0.25'))
     diffs = compare_runs.compare_runs(a, b)
     assert diffs == [
         "extra.json: only in B",
+        "checkpoints/round-00001/state.json: differs",
         "checkpoints/round-00001/trainable.safetensors: tensor a values differ",
         "config.toml: bytes differ",
         "rounds.jsonl: round record 1 differs",

@@ -1,7 +1,7 @@
 """The client half of a networked client turn: what a node builds once, one training turn,
 and the final evaluation of a client whose personal state only the node holds.
 
-The server half is :mod:`fedmoe.engine.remote`. Both call the in-process engine's code
+The server half is :mod:`fedmoe.engine.turn` (one client turn for both engines). Both call the in-process engine's code
 (:func:`~fedmoe.engine.client.run_client`, :func:`~fedmoe.engine.client.evaluate_client`) so
 that both engines give the same weights and scores.
 

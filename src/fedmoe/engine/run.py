@@ -20,22 +20,16 @@ from fedmoe.config import ExperimentConfig, dump_toml
 from fedmoe.data.settings import build_federation
 from fedmoe.engine.budget import MemoryPlan, plan_memory
 from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from fedmoe.engine.client import ClientContext, ClientPlan, evaluate_client, run_client
-from fedmoe.engine.faults import (
-    Deadline,
-    check_reply,
-    check_update_norm,
-    check_upload,
-    expected_upload,
-    parse_faults,
-)
+from fedmoe.engine.client import ClientContext, evaluate_client
+from fedmoe.engine.faults import parse_faults
 from fedmoe.engine.fingerprint import model_fingerprint
-from fedmoe.engine.payload import from_bytes, from_wire, payload_size, save_tensors_file, to_bytes, to_wire
+from fedmoe.engine.payload import payload_size, save_tensors_file
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.strategies import get_strategy
 from fedmoe.engine.strategies.base import RoundPlan
 from fedmoe.engine.templates import TemplateCache
 from fedmoe.engine.trainables import Trainables
+from fedmoe.engine.turn import InProcess, finish_turn, notify, play_round, prepare_turn
 from fedmoe.errors import RunStopped
 from fedmoe.moe.models import load_model
 from fedmoe.moe.slicing import extract, layout_of
@@ -109,46 +103,13 @@ class Run:
         return payload_size(tensors, wire_dtype=self.cfg.engine.wire_dtype)
 
     def _client(self, cid: int, kept: list[list[int]], stage: int, rnd: int):
-        """One client's turn. A turn that raises, runs past ``engine.client_timeout_s`` or sends
-        back something :func:`~fedmoe.engine.faults.check_upload` rejects returns a record with
-        ``error`` set and no update (it is never aggregated)."""
-        client = self.clients[cid]
-        sub = extract(self.base, kept, self.family)
-        base_bytes = self._base_bytes(cid, kept)
-        trainables = self.strategy.client_trainables(self, cid, rnd)
-        template = self.templates.get(trainables, kept)
-        wire = self.cfg.engine.wire_dtype
-        sent = trainables.for_client(template, sub.expert_map, client.task)
-        download = to_bytes(to_wire(sent, wire))
-        seed = self.cfg.seed * 100_003 + rnd * 1_009 + cid
-        cplan = self.strategy.client_plan(self, cid, kept)
-        setup = cplan or ClientPlan()
-        ckpt = self.strategy.uses_checkpointing(self, cid, stage)
-        record = ClientRecord(
-            client_id=cid, task=client.task, stage=stage, loss=0.0, score=0.0, num_examples=len(client.train),
-            bytes_down_base=base_bytes + setup.setup_base_bytes, bytes_down=len(download) + setup.setup_down_bytes,
-            bytes_up=setup.setup_up_bytes, peak_memory_bytes=0, predicted_memory_bytes=int(self.plan.submodel_bytes(kept, ckpt)),
-            budget_bytes=int(client.budget_bytes or 0), num_experts=sum(len(k) for k in kept), steps=0,
-            gradient_checkpointing=ckpt,
-        )
-        reply = None
-        try:
-            reply, model = run_client(self.ctx, client, sub, trainables, download, seed, self._measure, cplan,
-                                      Deadline(self.cfg.engine.client_timeout_s), self.faults.get((rnd, cid)), ckpt)
-            record.bytes_down += reply.extra_down_bytes
-            record.bytes_up += len(reply.upload) + reply.extra_up_bytes  # a rejected reply still crossed
-            upload = from_wire(from_bytes(reply.upload), wire)
-            check_upload(expected_upload(trainables.upload_state(template, client.task)), upload, reply.loss)
-            check_reply(reply, (len(kept), max(sub.expert_map.global_num_experts)), setup.extra_down)
-            check_update_norm(upload, sent, self.cfg.engine.max_update_norm)
-            update = trainables.to_update(cid, len(client.train), model, sub.expert_map, upload, client.task)
-        except Exception as exc:  # noqa: BLE001 — any client failure rejects this reply only
-            record.error = _reason(exc)
-            self._log_fault(rnd, cid, exc)
-            return record, None, None
-        record.loss, record.score, record.steps = reply.loss, reply.score, reply.steps
-        record.peak_memory_bytes = reply.peak_memory_bytes
-        return record, update, reply
+        """One client's turn in-process (:mod:`fedmoe.engine.turn`): ``(record, update, reply)``;
+        a failed or rejected turn has ``error`` set, no update and no reply."""
+        transport = InProcess(self)
+        job = prepare_turn(self, cid, kept, stage, rnd, transport.local)
+        outcome = transport.turn(self, job)
+        record, update = finish_turn(self, job, outcome, transport)
+        return record, update, (outcome.reply if update is not None else None)
 
     def _log_fault(self, rnd: int, cid: int, exc: BaseException) -> None:
         """Keep the full traceback of a rejected turn (``rounds.jsonl`` has the one-line reason)."""
@@ -175,21 +136,8 @@ class Run:
         return out
 
     def round(self, plan: RoundPlan) -> RoundRecord:
-        if plan.stage == 2 and "after_stage1" not in self.p_snapshots and self.latest_p:
-            self.p_snapshots["after_stage1"] = self.p_by_task()
-        t0 = time.perf_counter()
-        notify(self.progress, "round_start", plan.round, plan.stage, len(plan.sampled))
-        records, updates, replies = [], [], {}
-        for cid in plan.sampled:
-            rec, upd, reply = self._client(cid, plan.sets[cid], plan.stage, plan.round)
-            records.append(rec)
-            if upd is not None:
-                updates.append(upd)
-                replies[cid] = reply
-                self.latest_p[cid] = reply.p
-            if self.progress:
-                self.progress(plan.round, plan.stage, cid, rec)
-        return self.finish_round(plan, records, updates, replies, t0)
+        """One round with the in-process transport (clients run here, one after another)."""
+        return play_round(self, plan, InProcess(self))
 
     def finish_round(self, plan: RoundPlan, records: list[ClientRecord], updates: list, replies: dict,
                      t0: float) -> RoundRecord:
@@ -245,14 +193,6 @@ def _slice_meta(s: Any, state: dict[str, Any]) -> Any:
     return t.new_empty(shape, device="meta")
 
 
-def notify(progress: Any, event: str, *args: Any) -> None:
-    """Call ``progress.<event>(*args)`` when the progress object has it (a plain per-client
-    callable has none; :class:`fedmoe.progress.RunMonitor` has them all)."""
-    fn = getattr(progress, event, None)
-    if fn is not None:
-        fn(*args)
-
-
 def combine_scores(rows: list[tuple[str, int, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Per task, the mean of the clients' scores weighted by their test examples;
     ``rows`` = ``(task, num_test_examples, scores)`` in client order."""
@@ -264,14 +204,6 @@ def combine_scores(rows: list[tuple[str, int, dict[str, float]]]) -> dict[str, d
         n = sum(w for w, _ in pairs)
         out[task] = {k: sum(w * s[k] for w, s in pairs) / n for k in pairs[0][1]}
     return out
-
-
-def _reason(exc: BaseException) -> str:
-    """One line for ``rounds.jsonl``: the check's own reason, else ``Type: message``."""
-    from fedmoe.engine.faults import ClientFault
-
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return text if isinstance(exc, ClientFault) else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def empty_streak(rounds: list[RoundRecord]) -> int:

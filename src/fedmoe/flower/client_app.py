@@ -9,7 +9,7 @@ Messages it answers:
   name, and carries the sub-MoE's trainable tensors (and the algorithm's extra tensors).
   The node builds the same client context as the in-process engine (base model, tokenizer and
   data partition from the experiment config in the run config), runs
-  :func:`fedmoe.engine.remote.client_turn` and replies with the trained tensors, routing
+  :func:`fedmoe.engine.node.client_turn` and replies with the trained tensors, routing
   statistics and metrics. Client state kept between turns (SCAFFOLD's ``c_k``, FLEx's side
   experts) lives in the node's state directory (node config ``state-dir``);
 * ``evaluate`` — the final evaluation of a client whose personal state only the node holds

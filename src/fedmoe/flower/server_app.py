@@ -1,8 +1,9 @@
 """Flower ServerApp: the engine's rounds over the Message API.
 
 The loop is the in-process engine's, on the same :class:`~fedmoe.engine.run.Run` object
-(model, data, budgets, strategy): the strategy plans each round, every sampled client's
-request is prepared as in ``Run._client`` and sent to the SuperNode serving that client as
+(model, data, budgets, strategy) and the same client turn (:mod:`fedmoe.engine.turn`), with
+:class:`GridTransport` as its transport: the strategy plans each round, every sampled client's
+job is prepared by ``prepare_turn`` and sent to the SuperNode serving that client as
 its own message (its sub-MoE's trainable tensors + expert map + round/seed), replies are
 matched to requests by ``reply_to_message_id``, and the strategy aggregates the successful
 ones and updates expert sets. A client whose turn fails — an error reply (the ClientApp
@@ -24,7 +25,7 @@ base model from the experiment config instead of receiving it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -34,16 +35,11 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedmoe.engine.faults import ClientFault
 from fedmoe.engine.records import RoundRecord
 from fedmoe.engine.remote import (
-    close_round,
     combine_scores,
     deployment_fingerprint,
-    failed_record,
-    finish_client,
     maybe_checkpoint,
-    prepare_client,
     prepare_evaluation,
     reply_from_parts,
     round_plans,
@@ -52,6 +48,7 @@ from fedmoe.engine.remote import (
 )
 from fedmoe.engine.run import Run, check_empty_rounds
 from fedmoe.engine.strategies.base import RoundPlan
+from fedmoe.engine.turn import ClientJob, TurnOutcome, play_round
 from fedmoe.errors import ConfigError, RunStopped
 from fedmoe.flower import keys as K
 from fedmoe.flower.records import content_bytes, job_content, parse_reply, parse_scores
@@ -192,69 +189,85 @@ def collect_replies(grid: Grid, waiting: dict[str, int], timeout: float, poll: f
     return out
 
 
-def federated_round(grid: Grid, run: Run, plan: RoundPlan, nodes: NodeDirectory, fingerprint: str,
-                    timeout: float) -> RoundRecord:
-    """One round: a message per sampled client, replies booked, failures logged, then aggregation."""
-    t0 = time.perf_counter()
-    jobs, sent, errors = {}, {}, {}
-    messages: list[Message] = []
-    targets: list[int] = []
-    for cid in plan.sampled:
-        jobs[cid] = job = prepare_client(run, cid, plan.sets[cid], plan.stage, plan.round)
-        node = nodes.node_for(cid)
-        if node is None:
-            errors[cid] = f"no SuperNode serves partition {partition_of(cid, nodes.num_partitions)}"
-            continue
-        content = job_content(job, fingerprint, run.cfg.engine.wire_dtype)
-        sent[cid] = content_bytes(content)
-        messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(plan.round)))
-        targets.append(cid)
-    waiting: dict[str, int] = {}
-    for cid, mid in zip(targets, _push(grid, messages, len(targets)), strict=True):
-        if mid:
-            waiting[mid] = cid
-        else:
-            errors[cid] = "the SuperLink did not accept the message"
-    replies = collect_replies(grid, waiting, timeout)
-    records, updates, ok = [], [], {}
-    for cid in plan.sampled:
-        job, error = jobs[cid], errors.get(cid, "")
-        reply = replies.get(cid)
+class GridTransport:
+    """The Flower transport of a client turn (:mod:`fedmoe.engine.turn`): the round's jobs
+    go out as one message each over ``grid``, replies are matched by ``reply_to_message_id``.
+    Bytes: the serialised content of each request / reply (no base weights: nodes build them)."""
+
+    local = False
+
+    def __init__(self, grid: Grid, nodes: NodeDirectory, fingerprint: str, timeout: float) -> None:
+        self.grid, self.nodes, self.fingerprint, self.timeout = grid, nodes, fingerprint, timeout
+        self.wire_dtype = "fp32"  #: engine.wire_dtype of the run being served (set by exchange)
+
+    def exchange(self, run: Run, plan: RoundPlan, jobs: Iterable[ClientJob]) -> Iterator[tuple[ClientJob, TurnOutcome]]:
+        jobs = list(jobs)
+        self.wire_dtype = run.cfg.engine.wire_dtype
+        sent, errors = {}, {}
+        messages: list[Message] = []
+        targets: list[int] = []
+        for job in jobs:
+            cid = job.client_id
+            node = self.nodes.node_for(cid)
+            if node is None:
+                errors[cid] = f"no SuperNode serves partition {partition_of(cid, self.nodes.num_partitions)}"
+                continue
+            content = job_content(job, self.fingerprint, self.wire_dtype)
+            sent[cid] = content_bytes(content)
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                                    group_id=str(plan.round)))
+            targets.append(cid)
+        waiting: dict[str, int] = {}
+        for cid, mid in zip(targets, _push(self.grid, messages, len(targets)), strict=True):
+            if mid:
+                waiting[mid] = cid
+            else:
+                errors[cid] = "the SuperLink did not accept the message"
+        replies = collect_replies(self.grid, waiting, self.timeout)
+        outcomes = [self._outcome(job, plan, replies.get(job.client_id), errors.get(job.client_id, ""),
+                                  sent.get(job.client_id, 0)) for job in jobs]
+        if outcomes and all(K.ERR_MISMATCH in o.error for o in outcomes):
+            raise ConfigError(f"Every node refused round {plan.round}: its experiment config or base model "
+                              f"{K.ERR_MISMATCH} ({outcomes[0].error}).",
+                              "install the same fedmoe version everywhere and use the same run config.")
+        yield from zip(jobs, outcomes, strict=True)
+
+    def _outcome(self, job: ClientJob, plan: RoundPlan, reply: Message | None, error: str, sent: int) -> TurnOutcome:
+        cid = job.client_id
         if not error and reply is None:
-            error = f"no reply within {timeout:g} s"
+            error = f"no reply within {self.timeout:g} s"
         elif not error and reply is not None and reply.has_error():
             error = _error_text(reply)
         result = None
         if not error and reply is not None:
             try:
-                result = parse_reply(reply.content, run.cfg.engine.wire_dtype)
+                result = parse_reply(reply.content, self.wire_dtype)
                 if (result.client_id, result.round) != (cid, plan.round):
                     raise ValueError(f"reply is for client {result.client_id} round {result.round}")
             except (KeyError, TypeError, ValueError) as exc:
                 error = f"malformed reply: {exc}"
         if error or result is None or reply is None:
             log(WARNING, "[fedmoe] round %s client %s failed: %s", plan.round, cid, error)
-            records.append(failed_record(run, job, error, sent.get(cid, 0)))
-            continue
+            return TurnOutcome(bytes_down=sent, error=error or "unknown error")
+        out = TurnOutcome(bytes_down=sent, bytes_up=content_bytes(reply.content), upload=result.upload)
         try:
-            client_reply = reply_from_parts(result.upload, result.metrics, result.p, result.extra_up,
-                                            max(job.expert_map.global_num_experts))
-            rec, upd = finish_client(run, job, client_reply, result.upload, sent[cid], content_bytes(reply.content))
-        except (ClientFault, ValueError) as exc:
-            log(WARNING, "[fedmoe] round %s client %s: %s", plan.round, cid, exc)
-            rec = failed_record(run, job, str(exc), sent[cid])
-            rec.bytes_up = content_bytes(reply.content)  # the rejected reply still crossed the network
-            records.append(rec)
-            continue
-        records.append(rec)
-        updates.append(upd)
-        ok[cid] = client_reply
-    jobs.clear()
-    if records and not ok and all(K.ERR_MISMATCH in r.error for r in records):
-        raise ConfigError(f"Every node refused round {plan.round}: its experiment config or base model "
-                          f"{K.ERR_MISMATCH} ({records[0].error}).",
-                          "install the same fedmoe version everywhere and use the same run config.")
-    rr = close_round(run, plan, records, updates, ok, t0)
+            out.reply = reply_from_parts(result.upload, result.metrics, result.p, result.extra_up,
+                                         max(job.expert_map.global_num_experts))
+        except ValueError as exc:
+            out.exc = exc
+        return out
+
+    def reject(self, rnd: int, cid: int, exc: BaseException) -> str:
+        log(WARNING, "[fedmoe] round %s client %s: %s", rnd, cid, exc)
+        return str(exc)
+
+
+def federated_round(grid: Grid, run: Run, plan: RoundPlan, nodes: NodeDirectory, fingerprint: str,
+                    timeout: float) -> RoundRecord:
+    """One round through :class:`GridTransport`: failures logged, then aggregation."""
+    transport = GridTransport(grid, nodes, fingerprint, timeout)
+    rr = play_round(run, plan, transport)
+    ok = [r for r in rr.clients if not r.error]
     log(INFO, "[fedmoe] round %s (stage %s): %d/%d clients ok, %.1f s", plan.round, plan.stage, len(ok),
         len(plan.sampled), rr.wall_time_s)
     return rr
