@@ -117,7 +117,7 @@ class BertMoeExperts(nn.Module):
             inverse = torch.argsort(order)
             counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         slots = hidden_states.unsqueeze(1).expand(n, k, hidden_states.shape[-1]).reshape(n * k, -1)
-        chunks = _PermuteRows.apply(slots, order, inverse).split(counts)
+        chunks = PermuteRows.apply(slots, order, inverse).split(counts)
         up_w, up_b = self.up_proj.unbind(0), self.up_bias.unbind(0)
         down_w, down_b = self.down_proj.unbind(0), self.down_bias.unbind(0)
         outs = []
@@ -127,10 +127,10 @@ class BertMoeExperts(nn.Module):
                 outs.append(F.linear(x, down_w[e], down_b[e]))
         weights = top_k_weights.reshape(-1)[order, None]
         y = (torch.cat(outs) * weights).to(hidden_states.dtype)
-        return _PermuteRows.apply(y, inverse, order).view(n, k, -1).sum(dim=1)
+        return PermuteRows.apply(y, inverse, order).view(n, k, -1).sum(dim=1)
 
 
-class _PermuteRows(torch.autograd.Function):
+class PermuteRows(torch.autograd.Function):
     """``x[perm]`` whose gradient is the inverse permutation (a gather, not a scatter-add)."""
 
     @staticmethod

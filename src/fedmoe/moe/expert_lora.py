@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 
+from fedmoe.moe.bert_moe import PermuteRows
+
 GATED = ("gate_up_proj", "down_proj")
 BERT = ("up_proj", "up_bias", "down_proj", "down_bias")
 
@@ -136,20 +138,6 @@ def experts_forward(
     weights = top_k_weights.reshape(-1)[order, None]
     y = (torch.cat(outs) * weights).to(hidden_states.dtype)
     return PermuteRows.apply(y, inverse, order).view(n, k, h).sum(dim=1)
-
-
-class PermuteRows(torch.autograd.Function):
-    """``x[perm]`` whose gradient is the inverse permutation (a gather, not a scatter-add)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
 
 
 def use_unmerged_expert_lora(model: nn.Module) -> int:
