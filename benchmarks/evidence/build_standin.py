@@ -40,13 +40,11 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from common import DEFAULT_DATA, SOURCES, load_note, now, setup_threads, standin_texts
 from torch import nn
 from tqdm import tqdm
-
-from common import DEFAULT_DATA, SOURCES, load_note, now, setup_threads, standin_texts
 
 from fedmoe.moe.families import family_of
 from fedmoe.moe.presets import build_pretrained_preset

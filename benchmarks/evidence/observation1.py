@@ -22,7 +22,6 @@ import json
 
 import numpy as np
 import torch
-
 from common import DEFAULT_DATA, RESULTS, client_pool, load_note, now, setup_threads
 
 from fedmoe.config import DataConfig
