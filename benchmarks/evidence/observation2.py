@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="stand-in folder (default: build_standin's cache) or minilm-moe-8e")
     ap.add_argument("--task", default="tc", choices=("tc", "rc", "ts"))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only-seeds", default="", help="comma-separated seeds this process runs (parallel parts)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--train", type=int, default=960)
     ap.add_argument("--eval", type=int, default=1000)
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
             print(note)
         cell_dir = root / slug(args.model) / f"{args.task}-k{args.k}"
         cell_dir.mkdir(parents=True, exist_ok=True)
-        for seed in range(args.seeds):
+        seeds = [int(x) for x in args.only_seeds.split(",") if x] or list(range(args.seeds))
+        for seed in seeds:
             for arm in ARMS:
                 f = cell_dir / f"{arm}-s{seed}.json"
                 if f.is_file():
