@@ -3,7 +3,7 @@
 For each model (the plain upcycled preset ``minilm-moe-8e`` and the stand-in of
 ``build_standin.py``) and each task, the activation map ``p`` (layers × experts: share of
 the top-2 choices of REAL tokens — padding excluded via the attention mask, by
-:func:`fedmoe.moe.routing.activation_probabilities`) on client-pool examples that the
+:class:`fedmoe.moe.routing.RoutingStats`) on client-pool examples that the
 stand-in never saw, fed exactly as a client feeds them (``fedmoe.train.batching.collate``).
 
 Reported per layer: Jensen–Shannon divergence (bits) between every pair of tasks, the
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from common import DEFAULT_DATA, RESULTS, client_pool, load_note, now, setup_thr
 from fedmoe.config import DataConfig
 from fedmoe.data.tasks import get_task
 from fedmoe.moe.models import load_model
-from fedmoe.moe.routing import activation_probabilities
+from fedmoe.moe.routing import RoutingStats
 from fedmoe.train.batching import collate, model_inputs
 
 TASKS = ("tc", "rc", "ts")
@@ -50,12 +51,21 @@ def sample(data_dir: str, task: str, n: int, seed: int) -> list:
     return [pool[i] for i in sorted(idx)]
 
 
-def maps(model, tok, task: str, examples: list, max_len: int, batch: int = 16) -> np.ndarray:
+def counts(model, tok, task: str, examples: list, max_len: int, batch: int = 16) -> np.ndarray:
+    """Top-k choice counts of real tokens, layers × experts (``RoutingStats``, padding masked)."""
     t = get_task(task)
     cfg = DataConfig(max_seq_len=max_len)
-    batches = (model_inputs(collate("encoder", t, examples[i:i + batch], tok, cfg.max_seq_len, cfg.max_target_len),
-                            "encoder", torch.device("cpu")) for i in range(0, len(examples), batch))
-    return activation_probabilities(model, batches)
+    with RoutingStats(model) as stats, torch.no_grad():
+        for i in range(0, len(examples), batch):
+            b = model_inputs(collate("encoder", t, examples[i:i + batch], tok, cfg.max_seq_len, cfg.max_target_len),
+                             "encoder", torch.device("cpu"))
+            stats.token_masks = [b["attention_mask"]]
+            model(**b)
+    return stats.counts.copy()
+
+
+def norm(c: np.ndarray) -> np.ndarray:
+    return c / c.sum(axis=1, keepdims=True)
 
 
 def analyse(p: dict[str, dict[str, np.ndarray]]) -> dict:
@@ -81,10 +91,9 @@ def run_model(name: str, path: str, args) -> dict:
     for task in TASKS:
         ex = sample(args.data_dir, task, args.per_task, args.seed)
         half = len(ex) // 2
-        h0 = maps(model, tok, task, ex[:half], args.max_len)
-        h1 = maps(model, tok, task, ex[half:], args.max_len)
-        p["half0"][task], p["half1"][task] = h0, h1
-        p["full"][task] = maps(model, tok, task, ex, args.max_len)
+        c0 = counts(model, tok, task, ex[:half], args.max_len)
+        c1 = counts(model, tok, task, ex[half:], args.max_len)
+        p["half0"][task], p["half1"][task], p["full"][task] = norm(c0), norm(c1), norm(c0 + c1)
         print(f"[{name}] {task}: {len(ex)} examples, {now() - t0:.0f} s", flush=True)
     res = analyse(p)
     res["p"] = {t: p["full"][t].round(5).tolist() for t in TASKS}
@@ -135,20 +144,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--only", default="", help="run only the model whose name starts with this (plain / stand-in)")
     args = ap.parse_args(argv)
     setup_threads()
-    if args.standin is None:
-        import build_standin
-
-        args.standin = str(build_standin.main([]))
-    results = {"plain minilm-moe-8e": run_model("plain", "minilm-moe-8e", args),
-               "stand-in": run_model("stand-in", args.standin, args)}
-    meta = {"command": "python benchmarks/evidence/observation1.py", "threads": torch.get_num_threads(),
-            "load": load_note(), "per_task": args.per_task, "max_len": args.max_len, "standin": args.standin}
-    from pathlib import Path
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    models = {"plain minilm-moe-8e": "minilm-moe-8e", "stand-in": args.standin}
+    if args.only:
+        models = {k: v for k, v in models.items() if k.startswith(args.only)}
+    results = {}
+    for name, path in models.items():
+        cache = out / f"observation1-{name.split()[0]}.json"  # one file per finished model (resumable)
+        if not cache.is_file():
+            if path is None:
+                import build_standin
+
+                path = models[name] = str(build_standin.main([]))
+            res = run_model(name, path, args)
+            res["load"], res["model"] = load_note(), path
+            cache.write_text(json.dumps(res, indent=1))
+        results[name] = json.loads(cache.read_text())
+    if len(results) < 2:
+        return
+    meta = {"command": "python benchmarks/evidence/observation1.py", "threads": torch.get_num_threads(),
+            "load": "; ".join(f"{k}: {r['load']}" for k, r in results.items()), "per_task": args.per_task,
+            "max_len": args.max_len, "standin": results["stand-in"]["model"]}
     (out / "observation1.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     (out / "observation1.md").write_text(markdown(results, meta))
     figure(results, out / "observation1.png")
