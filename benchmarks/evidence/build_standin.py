@@ -40,9 +40,10 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from common import DEFAULT_DATA, SOURCES, load_note, now, setup_threads, standin_texts
+from common import DEFAULT_DATA, RESULTS, SOURCES, load_note, now, setup_threads, standin_texts
 from torch import nn
 from tqdm import tqdm
 
@@ -194,11 +195,49 @@ def build(args: argparse.Namespace, out: Path, params: dict) -> dict:
     return meta
 
 
+def describe(out: Path, results: Path) -> str:
+    """``results/standin.md``: build time, loss at start/end per phase, how far the experts moved."""
+    from fedmoe.moe.models import load_model
+
+    meta = json.loads((out / "standin.json").read_text())
+    model, _, _ = load_model(str(out))
+    plain, _ = build_pretrained_preset(PRESET, seed=meta["params"]["seed"])
+    rows = []
+    for i, (blk, ref) in enumerate(zip(model.bert.encoder.layer, plain.bert.encoder.layer, strict=True)):
+        w, w0 = blk.mlp.experts.up_proj.detach(), ref.mlp.experts.up_proj.detach()
+        moved = [float((w[e] - w0[e]).norm() / w0[e].norm()) for e in range(w.shape[0])]
+        pair = [float((w[a] - w[b]).norm() / w0[a].norm()) for a in range(w.shape[0]) for b in range(a + 1, w.shape[0])]
+        rows.append(f"| {i} | {' '.join(f'{m:.3f}' for m in moved)} | {np.mean(pair):.3f} |")
+    log = meta["log"]
+
+    def mean_mlm(sel):
+        v = [r["mlm"] for r in sel]
+        return f"{np.mean(v):.2f}" if v else "–"
+
+    nb = meta["params"]["branch_steps"]
+    text = "\n".join([
+        "# Stand-in build", "",
+        f"Folder `{out.name}`; build time {meta['build_seconds'] / 60:.1f} min with {meta['threads']} torch thread "
+        f"({meta['load_at_end']} at the end; `nice -n 19`). Arguments: `{json.dumps(meta['params'])}`. "
+        f"Windows of {meta['params']['seq_len']} tokens: {meta['windows']}.", "",
+        f"Masked-LM loss, mean of the first / last 15 steps: branch phase {mean_mlm(log[:15])} → {mean_mlm(log[nb - 15:nb])}; "
+        f"mix phase {mean_mlm(log[nb:nb + 15])} → {mean_mlm(log[-15:])}. Routing supervision −log Σ_allowed p, "
+        f"first / last 15 branch steps: {np.mean([r['aux'] for r in log[:15]]):.3f} → "
+        f"{np.mean([r['aux'] for r in log[nb - 15:nb]]):.3f}.", "",
+        "Relative distance of each expert's `up_proj` from its upcycled start ‖W_e − W_e⁰‖/‖W_e⁰‖ (experts 0..7: news 0-1, "
+        "wiki 2-3, bbc 4-5, shared 6-7), and mean pairwise distance between experts ‖W_a − W_b‖/‖W⁰‖:", "",
+        "| layer | moved per expert | mean pairwise |", "|---|---|---|", *rows, ""])
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "standin.md").write_text(text)
+    return text
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=DEFAULT_DATA)
     ap.add_argument("--out", default=None, help="output folder (default: ~/.cache/fedmoe/standin-…; $FEDMOE_CACHE)")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--describe", action="store_true", help="also write results/standin.md (expert distances, losses)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--branch-steps", type=int, default=180)
     ap.add_argument("--mix-steps", type=int, default=45)
@@ -214,13 +253,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse(argv)
-    params = {k: v for k, v in vars(args).items() if k not in ("data_dir", "out", "force")}
+    params = {k: v for k, v in vars(args).items() if k not in ("data_dir", "out", "force", "describe")}
     out = Path(args.out) if args.out else default_dir(params)
     if (out / "standin.json").is_file() and not args.force:
         print(f"stand-in cached at {out}")
-        return out
-    meta = build(args, out, params)
-    print(f"stand-in written to {out} in {meta['build_seconds']:.0f} s ({meta['threads']} thread(s); {meta['load_at_end']})")
+    else:
+        meta = build(args, out, params)
+        print(f"stand-in written to {out} in {meta['build_seconds']:.0f} s ({meta['threads']} thread(s); {meta['load_at_end']})")
+    if args.describe:
+        print(describe(out, RESULTS))
     return out
 
 
