@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--task", default="tc", choices=("tc", "rc", "ts"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only-seeds", default="", help="comma-separated seeds this process runs (parallel parts)")
+    ap.add_argument("--only-arms", default="", help="comma-separated arms this process runs (parallel parts)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--train", type=int, default=960)
     ap.add_argument("--eval", type=int, default=1000)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         cell_dir.mkdir(parents=True, exist_ok=True)
         seeds = [int(x) for x in args.only_seeds.split(",") if x] or list(range(args.seeds))
         for seed in seeds:
-            for arm in ARMS:
+            for arm in [a for a in args.only_arms.split(",") if a] or ARMS:
                 f = cell_dir / f"{arm}-s{seed}.json"
                 if f.is_file():
                     continue
