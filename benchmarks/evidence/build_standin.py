@@ -76,10 +76,12 @@ class MLMHead(nn.Module):
 
 
 class Restrict:
-    """Router forward hooks: restrict top-k to ``allowed`` experts and collect the supervision loss."""
+    """Router forward hooks: restrict top-k to ``allowed`` experts and collect the supervision loss
+    ``−log Σ_{j ∈ target} p_j`` (``target`` defaults to ``allowed``)."""
 
     def __init__(self, model: nn.Module, family) -> None:
         self.allowed: torch.Tensor | None = None  # bool [E]
+        self.target: torch.Tensor | None = None  # bool [E]
         self.terms: list[torch.Tensor] = []
         self.handles = [family.router(model.get_submodule(b.path)).register_forward_hook(self._hook)
                         for b in family.blocks(model)]
@@ -89,7 +91,8 @@ class Restrict:
             return None
         logits = out[0]
         logp = torch.log_softmax(logits.float(), -1)
-        self.terms.append(-torch.logsumexp(logp[:, self.allowed], -1).mean())
+        target = self.allowed if self.target is None else self.target
+        self.terms.append(-torch.logsumexp(logp[:, target], -1).mean())
         probs = torch.softmax(logits.float().masked_fill(~self.allowed, float("-inf")), -1)
         top_v, top_i = torch.topk(probs, module.top_k, -1)
         return logits, top_v / top_v.sum(-1, keepdim=True), top_i
@@ -156,6 +159,9 @@ def build(args: argparse.Namespace, out: Path, params: dict) -> dict:
             allowed = torch.zeros(8, dtype=torch.bool)
             allowed[ASSIGN[src] + SHARED] = True
             restrict.allowed = allowed
+            if args.supervise == "own":
+                restrict.target = torch.zeros(8, dtype=torch.bool)
+                restrict.target[ASSIGN[src]] = True
         else:
             src = "mix"
             if step == args.branch_steps:
@@ -248,6 +254,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--route-coef", type=float, default=1.0)
     ap.add_argument("--mix-balance", type=float, default=0.05)
+    ap.add_argument("--supervise", default="own", choices=("own", "allowed"),
+                    help="routing supervision toward the source's own experts (default) or own + shared")
     return ap.parse_args(argv)
 
 

@@ -154,12 +154,13 @@ def main(argv: list[str] | None = None) -> None:
         models = {k: v for k, v in models.items() if k.startswith(args.only)}
     results = {}
     for name, path in models.items():
-        cache = out / f"observation1-{name.split()[0]}.json"  # one file per finished model (resumable)
-        if not cache.is_file():
-            if path is None:
-                import build_standin
+        if path is None:
+            import build_standin
 
-                path = models[name] = str(build_standin.main([]))
+            path = models[name] = str(build_standin.main([]))
+        tag = "plain" if path == "minilm-moe-8e" else Path(path).name.replace("minilm-moe-8e-", "")
+        cache = out / f"observation1-{tag}.json"  # one file per finished model (resumable)
+        if not cache.is_file():
             res = run_model(name, path, args)
             res["load"], res["model"] = load_note(), path
             cache.write_text(json.dumps(res, indent=1))

@@ -97,7 +97,10 @@ def _family(model):
 
 
 def slug(name: str) -> str:
-    return "plain" if name == "minilm-moe-8e" else ("standin" if "standin" in name else re.sub(r"\W+", "_", name)[-40:])
+    if name == "minilm-moe-8e":
+        return "plain"
+    folder = Path(name).name
+    return folder.replace("minilm-moe-8e-", "") if folder.startswith("standin") else re.sub(r"\W+", "_", name)[-40:]
 
 
 def summarise(root: Path) -> str:
