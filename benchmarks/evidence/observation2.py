@@ -123,13 +123,15 @@ def summarise(root: Path) -> str:
                 v = [by[a][s] for s in sorted(by[a])]
                 if v:
                     m, h = ci95(v)
-                    lines.append(f"| {a} | {len(v)} | {100 * m:.2f} ± {100 * h:.2f} | {' '.join(f'{100 * x:.2f}' for x in v)} |")
+                    ci = f"± {100 * h:.2f}" if len(v) > 1 else "(1 seed: no CI)"
+                    lines.append(f"| {a} | {len(v)} | {100 * m:.2f} {ci} | {' '.join(f'{100 * x:.2f}' for x in v)} |")
             for a, b in (("top", "random"), ("full", "top"), ("full", "random")):
                 seeds = sorted(set(by[a]) & set(by[b]))
                 if seeds:
                     d = [by[a][s] - by[b][s] for s in seeds]
                     m, h = ci95(d)
-                    lines.append(f"| {a} − {b} (paired) | {len(d)} | {100 * m:+.2f} ± {100 * h:.2f} | "
+                    ci = f"± {100 * h:.2f}" if len(d) > 1 else "(1 seed: no CI)"
+                    lines.append(f"| {a} − {b} (paired) | {len(d)} | {100 * m:+.2f} {ci} | "
                                  f"{' '.join(f'{100 * x:+.2f}' for x in d)} |")
             tops = sorted({json.dumps(c["kept"]) for c in cells if c["arm"] == "top"})
             lines += ["", f"top-{c0['k']} experts per layer (by p): {', '.join(tops)}", ""]
