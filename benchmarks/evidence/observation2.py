@@ -138,6 +138,37 @@ def summarise(root: Path) -> str:
     return "\n".join(lines)
 
 
+def figure(root: Path, path: Path) -> None:
+    """Paper Fig. 2 style bars: mean score per arm with 95 % CI error bars, one group per model/task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [d for m in sorted(p for p in root.iterdir() if p.is_dir()) for d in sorted(m.iterdir()) if any(d.glob("*.json"))]
+    if not groups:
+        return
+    fig, ax = plt.subplots(figsize=(2.6 * len(groups) + 1, 3.2))
+    labelled: set[str] = set()
+    for g, d in enumerate(groups):
+        cells = [json.loads(f.read_text()) for f in d.glob("*.json")]
+        for a, arm in enumerate(ARMS):
+            v = [c["scores"][c["metric"]] for c in cells if c["arm"] == arm]
+            if v:
+                m, h = ci95(v)
+                ax.bar(g + 0.27 * (a - 1), 100 * m, 0.25, yerr=100 * h, capsize=3, color=f"C{a}",
+                       label=None if arm in labelled else arm)
+                labelled.add(arm)
+                ax.text(g + 0.27 * (a - 1), 100 * m + 100 * h + 0.3, f"n={len(v)}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(groups)), [f"{d.parent.name}\n{d.name}" for d in groups], fontsize=8)
+    ax.set_ylabel("score (%)")
+    lo = min(b.get_height() for b in ax.patches) if ax.patches else 0
+    ax.set_ylim(max(0, lo - 5), None)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=DEFAULT_DATA)
@@ -181,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     text = summarise(root)
     (Path(args.out) / "observation2.md").write_text(text)
+    figure(root, Path(args.out) / "observation2.png")
     print(text)
 
 
