@@ -124,7 +124,8 @@ def figure(results: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), len(TASKS), figsize=(3.2 * len(TASKS), 2.6 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(len(results), len(TASKS), figsize=(3.4 * len(TASKS), 3.0 * len(results)), squeeze=False,
+                             constrained_layout=True)
     for r, (name, res) in enumerate(results.items()):
         for c, t in enumerate(TASKS):
             ax = axes[r][c]
