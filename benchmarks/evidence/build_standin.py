@@ -227,7 +227,8 @@ def describe(out: Path, results: Path) -> str:
         f"({meta['load_at_end']} at the end; `nice -n 19`). Arguments: `{json.dumps(meta['params'])}`. "
         f"Windows of {meta['params']['seq_len']} tokens: {meta['windows']}.", "",
         f"Masked-LM loss, mean of the first / last 15 steps: branch phase {mean_mlm(log[:15])} → {mean_mlm(log[nb - 15:nb])}; "
-        f"mix phase {mean_mlm(log[nb:nb + 15])} → {mean_mlm(log[-15:])}. Routing supervision −log Σ_allowed p, "
+        f"mix phase {mean_mlm(log[nb:nb + 15])} → {mean_mlm(log[-15:])}. Routing supervision −log Σ_{{target}} p "
+        f"(target = {'own' if meta['params'].get('supervise') == 'own' else 'own + shared'} experts), "
         f"first / last 15 branch steps: {np.mean([r['aux'] for r in log[:15]]):.3f} → "
         f"{np.mean([r['aux'] for r in log[nb - 15:nb]]):.3f}.", "",
         "Relative distance of each expert's `up_proj` from its upcycled start ‖W_e − W_e⁰‖/‖W_e⁰‖ (experts 0..7: news 0-1, "
