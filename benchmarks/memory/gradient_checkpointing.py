@@ -63,34 +63,38 @@ def memory_rows(quick: bool) -> list[dict]:
 
 
 def step_times(repeats: int) -> list[dict]:
+    """Median step time (forward, loss, backward, AdamW step) with checkpointing off and on, both
+    models in this process, the two steps interleaved in every repeat (the first is warm-up)."""
     from fedmoe.moe.lora import apply_lora
 
     torch.set_num_threads(1)
     label, name, over, b, s = CASES[0]
     out = []
-    models = {}
-    for ck in (False, True):
-        torch.manual_seed(0)
-        m = build_tiny(name, **over)
-        if ck:
-            enable_gradient_checkpointing(m)
-        m = apply_lora(m, 8, 16)
-        m.train()
-        models[ck] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4))
-    data = make_batch(models[False][0], b, s)
-    times = {False: [], True: []}
-    for _ in range(repeats + 1):  # first round is warm-up
-        for ck in (False, True):  # interleaved
-            m, opt = models[ck]
-            t0 = time.perf_counter()
-            loss, o = loop_causal_loss(m, data)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times[ck].append(time.perf_counter() - t0)
-    off, on = statistics.median(times[False][1:]), statistics.median(times[True][1:])
-    out.append(dict(case=label, finetune="lora", step_off=off, step_on=on))
-    print(f"step time {label} lora: off {off * 1000:.0f} ms, on {on * 1000:.0f} ms, ×{on / off:.2f}", flush=True)
+    for ft in ("lora", "full"):
+        models = {}
+        for ck in (False, True):
+            torch.manual_seed(0)
+            m = build_tiny(name, **over)
+            if ck:
+                enable_gradient_checkpointing(m)
+            m = apply_lora(m, 8, 16) if ft == "lora" else m
+            m.train()
+            models[ck] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4))
+        data = make_batch(models[False][0], b, s)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(repeats + 1):
+            for ck in (False, True):
+                m, opt = models[ck]
+                t0 = time.perf_counter()
+                loss, _ = loop_causal_loss(m, data)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                times[ck].append(time.perf_counter() - t0)
+        off, on = statistics.median(times[False][1:]), statistics.median(times[True][1:])
+        out.append(dict(case=label, finetune=ft, step_off=off, step_on=on))
+        print(f"step time {label} {ft}: off {off * 1000:.0f} ms, on {on * 1000:.0f} ms, ×{on / off:.2f}", flush=True)
+        del models
     return out
 
 
@@ -99,8 +103,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    load0 = Path("/proc/loadavg").read_text().split()[0]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = memory_rows(args.quick)
     times = step_times(args.repeats)
+    load1 = Path("/proc/loadavg").read_text().split()[0]
     lines = ["# Gradient checkpointing: predicted vs measured peak, step time", "",
              f"`OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory/gradient_checkpointing.py"
              f"{' --quick' if args.quick else ''}` (1 thread, CPU VmHWM, client-loop loss, for-loop AdamW, "
@@ -115,6 +122,9 @@ def main() -> int:
     for t in times:
         lines.append(f"| {t['case']} | {t['finetune']} | {t['step_off'] * 1000:.0f} ms | {t['step_on'] * 1000:.0f} ms "
                      f"| ×{t['step_on'] / t['step_off']:.2f} |")
+    lines += ["", f"Started {started}; 1-minute load average {load0} at the start, {load1} at the end "
+              f"(2 vCPUs, shared). Step times: median of {args.repeats} interleaved repeats after one warm-up, "
+              "torch 1 thread; peaks: VmHWM of a fresh process per measurement."]
     (HERE / "gradient_checkpointing.md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -12,8 +12,9 @@
 ``--log csv,tensorboard,wandb`` adds metric sinks fed the same per-round row and the final
 scores: ``metrics.csv`` in the run folder; TensorBoard event files under ``<run>/tensorboard``
 (needs the ``tensorboard`` package: the ``logging`` extra); Weights & Biases (needs ``wandb``;
-honours ``WANDB_MODE=offline``, and runs offline when ``WANDB_MODE`` is unset and no API key is
-configured, so no network is needed).
+honours ``WANDB_MODE``, and runs offline when ``WANDB_MODE`` is unset and no API key is
+configured: no login, no network, nothing printed; the run is under ``<run>/wandb/offline-run-*``,
+``wandb sync`` uploads it later).
 """
 
 from __future__ import annotations
@@ -129,8 +130,12 @@ class _Wandb:
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        # offline: no login, no network, nothing printed (the run's files are under <out>/wandb);
+        # no console capture, system-stats sampler, git or code snapshot in either mode
+        settings = wandb.Settings(silent=mode != "online", console="off", x_disable_stats=True, disable_git=True,
+                                  save_code=False)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fedmoe"), dir=str(out), mode=mode,
-                              config=config, name=out.name)
+                              config=config, name=out.name, settings=settings)
 
     def round(self, row: dict[str, Any]) -> None:
         self.run.log({f"round/{k}": v for k, v in row.items() if k != "round"}, step=row["round"])

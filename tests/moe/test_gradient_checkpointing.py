@@ -123,3 +123,34 @@ def test_auto_checkpointing_goes_to_clients_it_buys_experts(shared_data, tmp_pat
         gained += c["gradient_checkpointing"]
         kept_plain += not c["gradient_checkpointing"]
     assert gained and kept_plain  # this setting has both kinds of client (tiny.toml's budgets 0.3–1.5)
+
+
+def test_hfedmoe_auto_checkpointing_raises_c_k(shared_data, tmp_path):
+    """HFedMoE honours train.gradient_checkpointing="auto": a client trains with checkpointing exactly
+    when its C_k under the checkpointed costs is larger than the C_k the same run gives it without
+    (oracle: the `false` run's C_k); budgets are unchanged; the turn fits its budget."""
+    from fedmoe.cli import app
+
+    runs = {}
+    for ck in ("false", "auto"):
+        out = tmp_path / ck
+        sets = [f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", 'algorithm="hfedmoe"',
+                "fedmoe.rounds=1", "engine.measure_memory=false", f"train.gradient_checkpointing={ck}"]
+        res = CliRunner().invoke(app, ["run", str(REPO / "configs" / "tiny.toml"), "--out", str(out),
+                                       *[a for s in sets for a in ("--set", s)]])
+        assert res.exit_code == 0, res.output
+        summary = json.loads((out / "summary.json").read_text())
+        turns = {c["client_id"]: c for line in (out / "rounds.jsonl").read_text().splitlines()
+                 for c in json.loads(line)["clients"]}
+        runs[ck] = ({int(k): v for k, v in summary["hfedmoe_budgets"].items()}, turns)
+    (c_plain, plain), (c_auto, auto) = runs["false"], runs["auto"]
+    assert c_auto.keys() == c_plain.keys() and auto.keys() == plain.keys()
+    assert all(c_auto[k] >= c_plain[k] for k in c_plain)
+    assert any(c_auto[k] > c_plain[k] for k in c_plain) and any(c_auto[k] == c_plain[k] for k in c_plain)
+    for cid, c in auto.items():
+        assert not plain[cid]["gradient_checkpointing"] and not c["error"]
+        assert c["budget_bytes"] == plain[cid]["budget_bytes"]
+        assert c["gradient_checkpointing"] == (c_auto[cid] > c_plain[cid]), (cid, c_auto, c_plain)
+        assert c["num_experts"] >= plain[cid]["num_experts"]
+        assert c["predicted_memory_bytes"] <= c["budget_bytes"]
+    assert any(c["gradient_checkpointing"] for c in auto.values())

@@ -63,7 +63,7 @@ class Strategy:
     def uses_checkpointing(self, run: Run, cid: int, stage: int) -> bool:
         """Whether client ``cid`` trains with gradient checkpointing this turn. Default: only when
         ``train.gradient_checkpointing`` is ``true`` (``"auto"`` buys experts only where a strategy
-        searches expert sets under the memory plan: FedMoE/randomMoE)."""
+        searches expert sets under the memory plan: FedMoE/randomMoE, HFedMoE)."""
         return run.cfg.train.gradient_checkpointing is True
 
     def client_trainables(self, run: Run, cid: int, rnd: int | None) -> Trainables:

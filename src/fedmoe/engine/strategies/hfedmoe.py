@@ -9,6 +9,9 @@ selection, τ-filtered expert aggregation, importance-weighted gate aggregation)
   every other algorithm), with safety factor ``hfedmoe.alpha``. A client that cannot train one
   expert per layer stops the run with a :class:`~fedmoe.errors.BudgetError`, or is left out
   when ``fedmoe.exclude_unfit`` (recorded in ``skipped`` / the summary's ``excluded``).
+* **Gradient checkpointing.** With ``train.gradient_checkpointing = "auto"`` C_k is computed
+  under the plain and the checkpointed cost tables; a client trains with checkpointing when that
+  gives it a larger C_k (or it fits only there), as FedMoE's θ search does for expert sets.
 * **Rounds.** ``fedmoe.rounds`` rounds recorded as stage 2 (as the baselines), sampled with
   ``run.fed.sample_clients`` and the per-round generator, so a resumed run replays exactly.
 * **Selection pass (§3.2–3.4), per sampled client, before its turn** — a *configure* message
@@ -126,14 +129,28 @@ class HFedMoEStrategy(Strategy):
         self.state = algo.HFedMoEServerState()
         self.excluded: dict[int, str] = {}
         table = run.plan.table
+        #: clients that train with gradient checkpointing ("auto": it raised their C_k)
+        self.checkpointing: set[int] = set()
+        auto = run.cfg.train.gradient_checkpointing == "auto" and table.checkpointed is not None
+        options = [False, True] if auto else [False]
         for cid in sorted(run.clients):
-            try:
-                self.state.budgets[cid] = algo.compute_budget(table.budgets[cid], table.dense_bytes, table.expert_bytes,
-                                                              alpha=hc.alpha, client_id=cid)
-            except BudgetError as err:
+            c_k: dict[bool, int] = {}
+            errors: list[BudgetError] = []
+            for ck in options:
+                dense, eb = table.costs(ck)
+                try:
+                    c_k[ck] = algo.compute_budget(table.budgets[cid], dense, eb, alpha=hc.alpha, client_id=cid)
+                except BudgetError as err:
+                    errors.append(err)
+            if not c_k:
                 if not run.cfg.fedmoe.exclude_unfit:
-                    raise
-                self.excluded[cid] = err.what
+                    raise errors[0]
+                self.excluded[cid] = errors[0].what
+                continue
+            ck = c_k.get(True, 0) > c_k.get(False, 0)  # ties keep the faster, non-checkpointed training
+            self.state.budgets[cid] = c_k[ck]
+            if ck:
+                self.checkpointing.add(cid)
         if len(self.excluded) == len(run.clients):
             raise BudgetError("No client can train one expert per MoE layer under HFedMoE.",
                               "raise setting.budget_low or hfedmoe.alpha.")
@@ -146,6 +163,12 @@ class HFedMoEStrategy(Strategy):
 
     def num_rounds(self, run: Run) -> int:
         return run.cfg.fedmoe.rounds
+
+    def uses_checkpointing(self, run: Run, cid: int, stage: int) -> bool:
+        """``"auto"``: the clients whose C_k is larger under the checkpointed costs (:meth:`setup`)."""
+        if run.cfg.train.gradient_checkpointing == "auto":
+            return cid in self.checkpointing
+        return super().uses_checkpointing(run, cid, stage)
 
     # -- selection pass -------------------------------------------------------------------
     def _scorer(self, run: Run) -> tuple[nn.Module, Any]:

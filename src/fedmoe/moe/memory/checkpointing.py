@@ -14,8 +14,11 @@ dropout); ``W_loss``: the backward working set of the whole model; ``A_layer`` /
 one layer's kept terms and its own backward working set, as without checkpointing.
 :func:`checkpointing_saving` gives ``A - A_ckpt`` (the bytes to take off the dense part of
 the additive table) and, under LoRA on fused experts, each expert's merged weight, which
-leaves the expert units (it only exists while its layer is recomputed). Measured against real steps in
-``benchmarks/memory/gradient_checkpointing.py`` (results.md there).
+leaves the expert units (it only exists while its layer is recomputed). With
+``zero_grad(set_to_none=True)`` (the client loop) the gradients ``G`` do not exist at the loss,
+so the checkpointed peak is ``max(at the loss, G + inside one layer)`` rather than ``G +`` either
+(:func:`checkpointing_saving`). Measured against real steps in
+``benchmarks/memory/gradient_checkpointing.py`` (``gradient_checkpointing.md`` there).
 """
 
 from __future__ import annotations
@@ -60,16 +63,40 @@ def checkpointed_activation_terms(mm: Any, lora_attn_linears: float = 0.0, lora_
     # (the loss's tensors are gone; the returned logits are still held by the loop)
     at_loss = sum(outside.values()) + ws
     in_layer = outside["logits"] + max(per_layer, default=0.0)
-    return {"without": sum(full.values()) + ws, "with": inputs + max(at_loss, in_layer)}
+    return {"without": sum(full.values()) + ws, "with": inputs + max(at_loss, in_layer), "inputs": inputs,
+            "at_loss": at_loss, "in_layer": in_layer}
+
+
+def _gradient_bytes(model: nn.Module, family: MoEFamily, mm: Any) -> tuple[float, np.ndarray]:
+    """``(dense, experts [L, E])``: bytes of the gradients each unit's trained tensors get (trained
+    weights and LoRA adapters), as the additive table counts them."""
+    from fedmoe.moe.memory.formula import _unit_costs
+
+    bare = replace(mm, optimizer_states=0, adam_impl="fused")  # trained_cost = G; adapter_cost = 2·G
+    dense, experts, _, _ = _unit_costs(model, family, bare)
+    e = np.zeros((len(experts), max((len(r) for r in experts), default=0)))
+    for i, row in enumerate(experts):
+        for j, u in enumerate(row):
+            e[i, j] = u.trained + u.adapters / 2
+    return dense.trained + dense.adapters / 2, e
 
 
 def checkpointing_saving(model: nn.Module, batch_size: int, seq_len: int, finetune: str = "lora", lora_r: int = 8,
-                         family: MoEFamily | None = None, **kwargs: Any) -> tuple[float, np.ndarray]:
+                         family: MoEFamily | None = None, set_to_none: bool = True,
+                         **kwargs: Any) -> tuple[float, np.ndarray]:
     """``(dense saving, expert savings [L, E])``: training bytes gradient checkpointing takes off
     ``model``'s additive table. Experts: under LoRA on fused experts, the merged weight each
     kept expert holds for backward now lives only while its layer is recomputed — it leaves
     the expert units and the largest layer's (all experts: an upper bound for any submodel)
-    joins the dense part's recomputed-layer term."""
+    joins the dense part's recomputed-layer term.
+
+    ``set_to_none`` (``zero_grad(set_to_none=True)``, the client loop): no gradient exists yet
+    when the loss is computed, so the peak is ``max(at_loss, G + in_layer)`` instead of the
+    table's ``G + max(at_loss, in_layer)``. The dense part is priced as a submodel without
+    experts; each expert's gradient ``G_j`` comes off its unit, scaled by one factor so that the
+    kept experts' gradients never exceed the room ``at_loss − G_dense − in_layer``: exact while
+    all of them fit there, an upper bound on the peak otherwise. Under full fine-tuning this is
+    most of the saving (≈ W: the loss's tensors and the gradients never coexist)."""
     from fedmoe.moe.memory.formula import _lora_targets, memory_model_for
 
     family = family or family_of(model)
@@ -83,7 +110,15 @@ def checkpointing_saving(model: nn.Module, batch_size: int, seq_len: int, finetu
     per_layer_attn = attn_count / max(1, len(mm.shape.layers)) if lora else 0.0
     per_module_lora = 0.0 if family.fused else 2.0
     terms = checkpointed_activation_terms(mm, per_layer_attn, per_module_lora, list(experts.sum(axis=1)))
-    return max(0.0, terms["without"] - terms["with"]), experts
+    if not set_to_none:
+        return max(0.0, terms["without"] - terms["with"]), experts
+    g_dense, g_experts = _gradient_bytes(model, family, mm)
+    at_loss, in_layer = terms["at_loss"], terms["in_layer"]
+    dense = terms["without"] + g_dense - terms["inputs"] - max(at_loss, g_dense + in_layer)
+    room = max(0.0, at_loss - g_dense - in_layer)
+    total = float(g_experts.sum())
+    scale = min(1.0, room / total) if total > 0 else 0.0
+    return max(0.0, dense), experts + scale * g_experts[:, :experts.shape[1]]
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
