@@ -154,3 +154,39 @@ def test_hfedmoe_auto_checkpointing_raises_c_k(shared_data, tmp_path):
         assert c["num_experts"] >= plain[cid]["num_experts"]
         assert c["predicted_memory_bytes"] <= c["budget_bytes"]
     assert any(c["gradient_checkpointing"] for c in auto.values())
+
+
+def _client_loop_loss(model, data):
+    """The client loop's loss (fedmoe.train.loop): smoothed CE on shifted logits, output held through backward."""
+    from fedmoe.train.loop import smoothed_ce
+
+    out = model(**data)
+    logits, labels = out.logits, data["labels"]
+    return smoothed_ce(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), 0.1), out
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/status").exists(), reason="needs /proc (VmHWM)")
+def test_checkpointed_prediction_is_within_10_percent_of_the_measured_peak():
+    """Steps with checkpointing on (client-loop loss, zero_grad(set_to_none=True), for-loop AdamW),
+    measured in fresh processes, against the table minus checkpointing_saving: LoRA and full FT."""
+    from functools import partial
+
+    from fedmoe.moe.memory import SMOOTHED_CE_LOSS, measure_in_subprocess, training_table
+    from fedmoe.moe.memory.checkpointing import build_checkpointed, checkpointing_saving
+
+    over = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, vocab_size=8192,
+                num_attention_heads=8, num_key_value_heads=4, num_local_experts=8)
+    b, s = 4, 256
+    model = build_tiny("tiny-mixtral", **over)
+    batch = make_batch(model, b, s)
+    jobs, predicted = [], []
+    for ft in ("lora", "full"):
+        jobs.append(dict(model_factory=partial(build_checkpointed, "tiny-mixtral", **over), batch=batch, finetune=ft,
+                         lora_r=8, loss_fn=_client_loop_loss, set_to_none=True, adam_impl="for-loop",
+                         warmup=partial(build_tiny, "tiny-mixtral")))
+        kw = dict(factors=SMOOTHED_CE_LOSS, adam_impl="for-loop")
+        d, e = checkpointing_saving(model, b, s, ft, 8, **kw)
+        predicted.append(training_table(model, b, s, ft, 8, **kw).total() - d - float(e.sum()))
+    measured = measure_in_subprocess(jobs, num_threads=1)
+    ratios = [p / m.peak_bytes for p, m in zip(predicted, measured, strict=True)]
+    assert all(0.9 <= r <= 1.1 for r in ratios), ratios
