@@ -1,5 +1,6 @@
 """What a user sees when `fedmoe run` is piped to a file (nohup, CI): one line per round,
-no warnings, no ANSI codes; the --log sinks; a resume of a finished run changes nothing."""
+no warnings, no ANSI codes; the --log sinks (W&B offline, without an account); a resume of a
+finished run changes nothing."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ LINE = re.compile(
 
 
 def _fedmoe(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONWARNINGS", "FORCE_COLOR", "TERM"))}
+    # no W&B account here: WANDB_MODE/key unset, so `--log wandb` must run offline by itself
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTHONWARNINGS", "FORCE_COLOR", "TERM", "WANDB_"))}
     env.update(PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "fedmoe.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -31,7 +34,8 @@ def test_non_tty_run_prints_one_line_per_round_and_writes_logs(shared_data, tmp_
     out = tmp_path / "run"
     sets = [f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", "fedmoe.stage1_rounds=1",
             "fedmoe.rounds=2", "train.max_local_steps=1", "engine.measure_memory=false"]
-    logs = "csv,tensorboard" if importlib.util.find_spec("tensorboard") is not None else "csv"
+    has_tb, has_wandb = (importlib.util.find_spec(m) is not None for m in ("tensorboard", "wandb"))
+    logs = ",".join(["csv"] + ["tensorboard"] * has_tb + ["wandb"] * has_wandb)
     p = _fedmoe("run", "configs/tiny.toml", "--out", str(out), "--log", logs,
                 *[a for s in sets for a in ("--set", s)])
     text = p.stdout + p.stderr
@@ -53,9 +57,21 @@ def test_non_tty_run_prints_one_line_per_round_and_writes_logs(shared_data, tmp_
         rows = list(csv.DictReader(f))
     assert [int(r["round"]) for r in rows] == list(range(1, len(rounds) + 1))
     assert [int(r["bytes_up"]) for r in rows] == [rr["bytes_up"] for rr in rounds]
-    if importlib.util.find_spec("tensorboard") is not None:
+    if has_tb:
         events = list((out / "tensorboard").glob("events.out.tfevents.*"))
         assert len(events) == 1 and events[0].stat().st_size > 0
+    if has_wandb:  # one offline run under the run folder, read back with wandb's own inspector
+        runs = list((out / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, list((out / "wandb").iterdir())
+        q = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(runs[0])],
+                           capture_output=True, text=True, timeout=120)
+        records = [json.loads(x) for x in q.stdout.splitlines() if x.startswith("{")]
+        history = [r["history"]["item"] for r in records if r.get("type") == "history"]
+        assert [h["_step"] for h in history] == list(range(1, len(rounds) + 1)), q.stdout[-2000:] + q.stderr
+        assert [h["round/bytes_up"] for h in history] == [rr["bytes_up"] for rr in rounds]
+        assert [h["round/stage"] for h in history] == [rr["stage"] for rr in rounds]
+        for h, row in zip(history, rows, strict=True):
+            assert h["round/loss"] == pytest.approx(float(row["loss"]), rel=1e-6)
 
     # resuming the finished run changes nothing (no re-evaluation, same wall_time_s)
     before = {n: (out / n).read_bytes() for n in ("summary.json", "rounds.jsonl", "metrics.csv", "config.toml")}
