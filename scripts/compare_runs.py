@@ -16,9 +16,9 @@ What is compared, file by file over the union of both trees:
   (its storage keys vary between runs). Nothing is unpickled; nested tensors are read with
   ``torch.load(weights_only=True)``: no code from the files runs. Run both sides with the same
   ``PYTHONHASHSEED`` (e.g. 0): checkpoints pickle sets of strings, whose order follows hashing.
-  Dicts rebuilt from safetensors bytes (SCAFFOLD's client variates) come in the order of its
-  Rust hash map, which changes per process: the same opcodes in another order are reported as a
-  ``note:`` line, not as a difference;
+  Dicts rebuilt from safetensors bytes (SCAFFOLD's client variates) came in the order of its
+  Rust hash map, which changed per process, in runs written before ``from_bytes`` sorted them:
+  the same opcodes in another order are reported as a ``note:`` line, not as a difference;
 * everything else (``config.toml``, ``expert_map.json``, ``p_by_task.json``, ``LATEST`` …): byte
   for byte.
 

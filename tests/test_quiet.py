@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import warnings
 
 from fedmoe.flower.logs import quiet_flower
@@ -63,3 +66,17 @@ def test_flower_logs_once_without_colour_or_deprecation_notice(capfd):
     assert "debug detail" not in err and "run_simulation" not in err and "\x1b" not in err
     assert "Some other feature is deprecated" in err  # only the listed record is dropped
     assert propagated is False
+
+
+def test_importing_fedmoe_leaves_the_environment_alone():
+    """`import fedmoe` (a library user's program) changes no environment variable; the process
+    policy is applied by the `fedmoe` command and the Flower apps only."""
+    from tests.conftest import REPO
+
+    code = ("import os, json; before = dict(os.environ); import fedmoe, fedmoe.engine.run, fedmoe.moe.models; "
+            "print(json.dumps([before == dict(os.environ), 'THP_MEM_ALLOC_ENABLE' in os.environ])); "
+            "import fedmoe.flower; print(os.environ.get('THP_MEM_ALLOC_ENABLE'), os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY")}
+    env["PYTHONPATH"] = str(REPO / "src")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.splitlines() == ["[true, false]", "1 PASSIVE"], out.stdout + out.stderr

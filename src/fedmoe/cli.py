@@ -112,14 +112,13 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks fo
                                                help="Print the version and exit.")] = False) -> None:
     DEBUG["on"] = debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fedmoe import apply_process_policy
+
+    apply_process_policy()  # before any command imports torch
     from fedmoe.quiet import notices_as_lines, quiet_cli
 
     quiet_cli()
     notices_as_lines()
-
-
-def _fail(exc: FedMoEError) -> None:
-    raise exc  # :class:`_App` prints it
 
 
 def _mib(n: float) -> str:
@@ -130,14 +129,10 @@ def _mib(n: float) -> str:
 def inspect(model: Annotated[str, typer.Argument(help="tiny-<family>, a preset, a hub name or a local path")]) -> None:
     """Print the MoE layers of MODEL: experts, top-k, bytes per expert, dense and total bytes
     (built on the meta device: shapes only, no weights are loaded)."""
-    try:
-        from fedmoe.moe.meta import load_shapes
-        from fedmoe.moe.slicing import layout_of
+    from fedmoe.moe.meta import load_shapes
+    from fedmoe.moe.slicing import layout_of
 
-        m, family = load_shapes(model)
-    except FedMoEError as exc:
-        _fail(exc)
-        return
+    m, family = load_shapes(model)
     state = m.state_dict()
     layout = layout_of(m, family)
     table = Table(title=f"{model}  ({family.name}, {type(m).__name__})")
@@ -253,10 +248,7 @@ def describe(
     from fedmoe.data.describe import describe_command
     from fedmoe.engine.budget import attach_budgets
 
-    try:
-        describe_command(str(config) if config else None, set_ or [], attach_budgets)
-    except FedMoEError as exc:
-        _fail(exc)
+    describe_command(str(config) if config else None, set_ or [], attach_budgets)
 
 
 @app.command()
@@ -271,11 +263,7 @@ def report(
     """Tables 1–2, convergence speed-ups, CVI and figures from finished run directories."""
     from fedmoe.report import build_report
 
-    try:
-        rep = build_report(run_dirs, out, window=final_window, reference=reference, figures=figures)
-    except FedMoEError as exc:
-        _fail(exc)
-        return
+    rep = build_report(run_dirs, out, window=final_window, reference=reference, figures=figures)
     for note in rep.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"wrote {rep.markdown}, {rep.json} and {len(rep.figures)} figure(s) under {out / 'figures'}")
@@ -291,11 +279,7 @@ def export(
     or with --client K that client's sub-MoE with its LoRA merged (see docs/export.md)."""
     from fedmoe.export import export_run
 
-    try:
-        written = export_run(run_dir, out, client)
-    except FedMoEError as exc:
-        _fail(exc)
-        return
+    written = export_run(run_dir, out, client)
     console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 
 

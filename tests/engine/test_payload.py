@@ -71,3 +71,14 @@ def test_file_round_trip_keeps_ties(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     save_tensors_file({}, tmp_path / "empty.safetensors")
     assert load_tensors_file(tmp_path / "empty.safetensors") == {}
+
+
+def test_from_bytes_returns_keys_in_sorted_order_whatever_the_writer_order():
+    """Dicts read back from bytes (SCAFFOLD's client variates in a checkpoint) have one order in
+    every process: sorted keys, not the order of safetensors' hash map."""
+    names = [f"layers.{i}.mlp.w{j}" for i in range(12) for j in range(4)]
+    random.Random(3).shuffle(names)
+    tensors = {n: torch.full((2,), float(i)) for i, n in enumerate(names)}
+    back = from_bytes(to_bytes(tensors))
+    assert list(back) == sorted(names)
+    assert all(torch.equal(back[n], tensors[n]) for n in names)

@@ -81,9 +81,12 @@ def _restore(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None) -> d
 
 
 def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of ``data``, in sorted key order (safetensors returns them in its hash map's order,
+    which changes per process: a checkpoint holding such a dict would not be byte-reproducible)."""
     if not data:
         return {}
-    return _restore(load(data), _header(data).get("__metadata__"))
+    loaded = load(data)
+    return _restore({k: loaded[k] for k in sorted(loaded)}, _header(data).get("__metadata__"))
 
 
 def payload_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,

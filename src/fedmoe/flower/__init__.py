@@ -8,3 +8,7 @@
 
 ``flwr run .`` uses ``[tool.flwr.app]`` in ``pyproject.toml``; see ``docs/deploy.md``.
 """
+
+from fedmoe import apply_process_policy
+
+apply_process_policy()  # the Flower apps' processes: before the apps import torch
