@@ -35,6 +35,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,17 +49,10 @@ from fedmoe.moe.lora import apply_lora
 from fedmoe.moe.slicing import extract
 from fedmoe.train.loop import LoadBalance, forward_context
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DenseTC, random_batch  # noqa: E402
+
 R, ALPHA = 8, 16
-
-
-class _DenseTC(nn.Module):
-    def __init__(self, bert: nn.Module, labels: int = 4) -> None:
-        super().__init__()
-        self.bert = bert
-        self.head = nn.Linear(bert.config.hidden_size, labels)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0])
 
 
 def _dense_lora(model: nn.Module, targets: list[str], heads: tuple[str, ...] = ()) -> nn.Module:
@@ -103,18 +97,12 @@ class Variant:
         return time.perf_counter() - t
 
 
-def _batch(vocab: int, b: int, s: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (b, s), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 4, (b,), generator=g)}
-
-
 def minilm_variants(batch: int, seq: int) -> list[Variant]:
     dense, _ = presets.minilm_dense()
     moe, _ = presets.build_pretrained_preset("minilm-moe-8e")
-    data = _batch(dense.config.vocab_size, batch, seq)
+    data = random_batch(dense.config.vocab_size, batch, seq)
     torch.manual_seed(0)
-    dense_pm = _dense_lora(_DenseTC(dense), ["query", "key", "value", "dense"], heads=("head.",))
+    dense_pm = _dense_lora(DenseTC(dense), ["query", "key", "value", "dense"], heads=("head.",))
     fam = family_of(moe)
     sub = extract(moe, [[0, 1, 2, 3] for _ in fam.blocks(moe)], fam).model
     return [
@@ -134,7 +122,7 @@ def mixtral_variants(batch: int, seq: int) -> list[Variant]:
     dense = MistralForCausalLM(MistralConfig(**dims))
     torch.manual_seed(0)
     moe = MixtralForCausalLM(MixtralConfig(**dims, num_local_experts=8, num_experts_per_tok=2))
-    data = _batch(4096, batch, seq, seed=1)
+    data = random_batch(4096, batch, seq, seed=1)
     attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
     return [
         Variant("mixtral-dense", _dense_lora(dense, attn + ["gate_proj", "up_proj", "down_proj"]), "lm", data, False),

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,9 @@ import torch
 from torch import nn
 
 from fedmoe.moe import presets
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DenseTC, random_batch  # noqa: E402
 
 
 def _status_kb(field: str) -> int:
@@ -58,23 +62,11 @@ def _cpu() -> str:
     return platform.processor() or "unknown"
 
 
-class _DenseTC(nn.Module):
-    """Dense MiniLM + a Linear on [CLS]: the dense counterpart of the ``tc`` task."""
-
-    def __init__(self, bert: nn.Module, labels: int = 4) -> None:
-        super().__init__()
-        self.bert = bert
-        self.head = nn.Linear(bert.config.hidden_size, labels)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0])
-
-
 def build(preset: str, dense: bool) -> nn.Module:
     base = preset.split("-")[0]
     if dense:
         model, _ = presets.minilm_dense() if base == "minilm" else presets.smollm2_dense()
-        return _DenseTC(model) if base == "minilm" else model
+        return DenseTC(model) if base == "minilm" else model
     built = presets.build_pretrained_preset(preset)
     if built is None:
         raise SystemExit(f"unknown preset {preset}; try one of {presets.preset_names()}")
@@ -102,10 +94,8 @@ def main() -> None:
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     is_lm = args.preset.startswith("smollm2")
     vocab = model.config.vocab_size if hasattr(model, "config") else model.bert.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab, (args.batch, args.seq), generator=g)
-    mask = torch.ones_like(ids)
-    labels = torch.randint(0, 4, (args.batch,), generator=g)
+    data = random_batch(vocab, args.batch, args.seq)
+    ids, mask, labels = data["input_ids"], data["attention_mask"], data["labels"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     cpu_times: list[float] = []
