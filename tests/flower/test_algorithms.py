@@ -222,3 +222,23 @@ def test_disk_store_is_atomic_and_exact(tmp_path):
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["x.safetensors"]
     back = store.load("x")
     assert back is not None and all(torch.equal(back[k], t[k]) for k in t)
+
+
+def test_flex_on_flower_writes_the_inprocess_predictions(flex_pair):
+    """The nodes evaluate FLEx's clients and send their per-example rows back: the Flower run's
+    predictions.jsonl has the in-process run's rows (same clients, order, fields and values)."""
+    _, a, b, _ = flex_pair
+    rows_a, rows_b = ([json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()] for d in (a, b))
+    assert rows_b == rows_a and rows_a
+    assert {r["client"] for r in rows_b} == {int(k) for k in json.loads((b / "expert_map.json").read_text())}
+    assert set(rows_b[0]) == {"client", "id", "task", "prediction", "reference", "score"}
+
+
+def test_evaluate_reply_rows_of_another_client_are_refused():
+    from fedmoe.flower.records import parse_predictions, scores_content
+
+    rows = [{"client": 3, "id": "x", "task": "tc", "prediction": 1, "reference": 2, "score": {"accuracy": 0.0}}]
+    assert parse_predictions(scores_content(3, 1, {"accuracy": 0.0}, rows), 3) == rows
+    assert parse_predictions(scores_content(3, 1, {"accuracy": 0.0}), 3) == []
+    with pytest.raises(ValueError, match="client 4"):
+        parse_predictions(scores_content(3, 1, {"accuracy": 0.0}, rows), 4)

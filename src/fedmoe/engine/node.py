@@ -129,10 +129,12 @@ def client_turn(node: NodeState, cid: int, kept: list[list[int]], download: dict
 
 
 def client_evaluation(node: NodeState, cid: int, kept: list[list[int]], download: dict[str, torch.Tensor],
-                      client_kind: str = "", folder: Path | None = None) -> tuple[int, dict[str, float]]:
+                      client_kind: str = "", folder: Path | None = None,
+                      predictions: list | None = None) -> tuple[int, dict[str, float]]:
     """Final evaluation of client ``cid`` on the node: ``(test examples, scores)``, with the
-    global tensors sent and the client's own state (as ``Run.final_scores`` in-process)."""
+    global tensors sent and the client's own state (as ``Run.final_scores`` in-process);
+    ``predictions`` gets its per-example rows."""
     client = node.clients[cid]
     sub = extract(node.base, kept, node.family)
     trainables = node_trainables(node, cid, client_kind, folder, None)
-    return len(client.test), evaluate_client(node.ctx, client, sub, trainables, download)
+    return len(client.test), evaluate_client(node.ctx, client, sub, trainables, download, predictions=predictions)

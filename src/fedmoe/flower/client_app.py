@@ -13,7 +13,7 @@ Messages it answers:
   statistics and metrics. Client state kept between turns (SCAFFOLD's ``c_k``, FLEx's side
   experts) lives in the node's state directory (node config ``state-dir``);
 * ``evaluate`` — the final evaluation of a client whose personal state only the node holds
-  (FLEx): its test scores and number of test examples.
+  (FLEx): its test scores, number of test examples and per-example rows (``predictions.jsonl``).
 
 The experiment config is read from the run config on the node (the app bundle carries the
 TOML); the request holds its SHA-256 fingerprint and a node whose config differs refuses.
@@ -124,5 +124,7 @@ def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_con
     from fedmoe.flower.records import scores_content
 
     _, req, node, folder = _checked_request(content, run_config, node_config, run_id)
-    n, scores = client_evaluation(node, req.client_id, req.expert_map.kept, req.download, req.client_kind, folder)
-    return scores_content(req.client_id, n, scores)
+    rows: list[dict] = []
+    n, scores = client_evaluation(node, req.client_id, req.expert_map.kept, req.download, req.client_kind, folder,
+                                  predictions=rows)
+    return scores_content(req.client_id, n, scores, rows)

@@ -75,6 +75,8 @@ CFG_CLIENT_KIND = "client-kind"
 CFG_CHECKPOINTING = "gradient-checkpointing"
 #: number of test examples behind an evaluation reply's scores (the weight of the client)
 CFG_NUM_EXAMPLES = "num-examples"
+#: JSON list of an evaluation reply's per-example rows (``predictions.jsonl``'s fields)
+CFG_PREDICTIONS = "predictions"
 CFG_PARTITION_ID = NODE_PARTITION_ID
 CFG_NUM_PARTITIONS = NODE_NUM_PARTITIONS
 

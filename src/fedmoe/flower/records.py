@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -170,12 +171,31 @@ def parse_reply(content: RecordDict, wire_dtype: str = "fp32") -> TrainResult:
 
 
 # -- final evaluation on a node (evaluate messages) -----------------------------------------------
-def scores_content(client_id: int, num_examples: int, scores: Mapping[str, float]) -> RecordDict:
-    """The content of an evaluate reply: the client's test scores and their weight."""
+def scores_content(client_id: int, num_examples: int, scores: Mapping[str, float],
+                   predictions: list[dict] | None = None) -> RecordDict:
+    """The content of an evaluate reply: the client's test scores and their weight, and its
+    per-example rows (``predictions.jsonl``) as JSON."""
+    from fedmoe.engine.run import _jsonable
+
     content = RecordDict()
     content[K.REC_SCORES] = MetricRecord({k: float(v) for k, v in scores.items()})
-    content[K.REC_CONFIG] = ConfigRecord({K.CFG_CLIENT_ID: client_id, K.CFG_NUM_EXAMPLES: num_examples})
+    cfg = {K.CFG_CLIENT_ID: client_id, K.CFG_NUM_EXAMPLES: num_examples}
+    if predictions is not None:
+        cfg[K.CFG_PREDICTIONS] = json.dumps(_jsonable(predictions))
+    content[K.REC_CONFIG] = ConfigRecord(cfg)
     return content
+
+
+def parse_predictions(content: RecordDict, client_id: int) -> list[dict]:
+    """The per-example rows of an evaluate reply (plain JSON: nothing in it runs); ``ValueError``
+    unless it is a list of objects of client ``client_id``."""
+    cfg = content[K.REC_CONFIG]
+    if K.CFG_PREDICTIONS not in cfg:
+        return []
+    rows = json.loads(str(cfg[K.CFG_PREDICTIONS]))
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and r.get("client") == client_id for r in rows):
+        raise ValueError(f"predictions of client {client_id} are not a list of its rows")
+    return rows
 
 
 def parse_scores(content: RecordDict) -> tuple[int, int, dict[str, float]]:

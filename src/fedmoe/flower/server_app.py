@@ -51,7 +51,7 @@ from fedmoe.engine.strategies.base import RoundPlan
 from fedmoe.engine.turn import ClientJob, TurnOutcome, play_round
 from fedmoe.errors import ConfigError, RunStopped
 from fedmoe.flower import keys as K
-from fedmoe.flower.records import content_bytes, job_content, parse_reply, parse_scores
+from fedmoe.flower.records import content_bytes, job_content, parse_predictions, parse_reply, parse_scores
 from fedmoe.flower.settings import AppSettings, parse_identity, partition_of
 
 app = ServerApp()
@@ -277,7 +277,8 @@ def evaluate_on_nodes(grid: Grid, run: Run, nodes: NodeDirectory, fingerprint: s
                       timeout: float) -> dict[str, dict[str, float]]:
     """Final evaluation on the nodes, for strategies whose clients keep personal state (FLEx):
     an ``evaluate`` message per client of ``final_sets`` with the global tensors for its sub-MoE;
-    the scores are combined as ``Run.final_scores`` does. A client whose evaluation fails is
+    the scores are combined as ``Run.final_scores`` does and the replies' per-example rows become
+    ``run.predictions`` (``predictions.jsonl``). A client whose evaluation fails is
     left out (logged); if every one fails the run stops with an error."""
     waiting: dict[str, int] = {}
     failed: dict[int, str] = {}
@@ -296,6 +297,7 @@ def evaluate_on_nodes(grid: Grid, run: Run, nodes: NodeDirectory, fingerprint: s
                 failed[cid] = "the SuperLink did not accept the message"
     replies = collect_replies(grid, waiting, timeout)
     rows = []
+    predictions: dict[int, list[dict]] = {}
     for cid, _ in order:
         reply = replies.get(cid)
         if cid in failed:
@@ -309,7 +311,13 @@ def evaluate_on_nodes(grid: Grid, run: Run, nodes: NodeDirectory, fingerprint: s
             if rcid != cid:
                 failed[cid] = f"malformed reply: scores for client {rcid}"
                 continue
+            try:
+                predictions[cid] = parse_predictions(reply.content, cid)
+            except ValueError as exc:
+                failed[cid] = f"malformed reply: {exc}"
+                continue
             rows.append((run.clients[cid].task, n, scores))
+    run.predictions = [r for cid, _ in order for r in predictions.get(cid, [])]  # client order, as in-process
     for cid, error in failed.items():
         log(WARNING, "[fedmoe] final evaluation of client %s failed: %s", cid, error)
     if not rows:
