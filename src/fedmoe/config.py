@@ -102,7 +102,8 @@ class TrainConfig:
     #: less activation memory, so the memory plan prices submodels lower and memory-poor clients
     #: keep more experts, at a step-time cost (benchmarks/memory/gradient_checkpointing.md).
     #: "auto": only clients whose initial submodel search keeps more experts with it train with it
-    #: (FedMoE/randomMoE; other algorithms train without it); recorded per turn in rounds.jsonl
+    #: (FedMoE/randomMoE; HFedMoE: clients whose C_k grows with it; other algorithms train without
+    #: it); recorded per turn in rounds.jsonl
     gradient_checkpointing: bool | str = False
 
 
