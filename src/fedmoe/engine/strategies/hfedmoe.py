@@ -137,7 +137,7 @@ class HFedMoEStrategy(Strategy):
             c_k: dict[bool, int] = {}
             errors: list[BudgetError] = []
             for ck in options:
-                dense, eb = table.costs(ck)
+                dense, eb = table.costs(ck, cid)  # priced at the client's own batch
                 try:
                     c_k[ck] = algo.compute_budget(table.budgets[cid], dense, eb, alpha=hc.alpha, client_id=cid)
                 except BudgetError as err:
