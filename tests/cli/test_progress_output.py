@@ -42,6 +42,7 @@ def test_non_tty_run_prints_one_line_per_round_and_writes_logs(shared_data, tmp_
     assert p.returncode == 0, text
     assert "\x1b" not in text  # no ANSI codes
     assert "Warning" not in text and "warn" not in text.lower()
+    assert not [x for x in text.splitlines() if x.startswith("wandb")]  # W&B prints nothing
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     lines = [m for m in map(LINE.match, p.stdout.splitlines()) if m]
     assert len(lines) == len(rounds) >= 3  # stage 1 (until every memory-rich client reported) + 2
