@@ -19,7 +19,11 @@ What is compared, file by file over the union of both trees:
   Dicts rebuilt from safetensors bytes (SCAFFOLD's client variates) come in the order of its
   Rust hash map, which changes per process: the same opcodes in another order are reported as a
   ``note:`` line, not as a difference;
-* everything else (``config.toml``, ``expert_map.json``, ``p_by_task.json``, ``LATEST`` …): byte
+* ``config.toml``: byte for byte; when the bytes differ but the values are equal once keys that
+  moved section (:data:`fedmoe.config_keys.MOVED`, e.g. ``fedmoe.rounds`` → ``federation.rounds``)
+  carry their new names, a ``note:`` line (a run written before the move against one written after);
+  the flat config inside checkpoints' ``manifest.json`` is compared after the same renaming;
+* everything else (``expert_map.json``, ``p_by_task.json``, ``LATEST`` …): byte
   for byte.
 
 A file present on one side only is a difference. Exit status 0 when every pair is identical,
@@ -137,8 +141,32 @@ def compare_file(a: Path, b: Path, rel: str) -> list[str]:
         ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
         ja.pop("files", None)
         jb.pop("files", None)
+        for j in (ja, jb):  # a run written before a config key moved: the key under its new name
+            j["config"] = migrate_flat(j.get("config", {}))
         return [] if ja == jb else [f"{rel}: differs"]
-    return [] if a.read_bytes() == b.read_bytes() else [f"{rel}: bytes differ"]
+    if a.read_bytes() == b.read_bytes():
+        return []
+    if name == "config.toml" and _moved_equal(a, b):
+        return [f"{NOTE}{rel}: same config once moved keys carry their new names (fedmoe.config_keys.MOVED)"]
+    return [f"{rel}: bytes differ"]
+
+
+def migrate_flat(flat: dict[str, Any]) -> dict[str, Any]:
+    from fedmoe.config_keys import migrate_flat as migrate
+
+    return migrate(flat)
+
+
+def _moved_equal(a: Path, b: Path) -> bool:
+    """Whether two ``config.toml`` files hold the same values once moved keys are renamed."""
+    import tomllib
+
+    from fedmoe.config_keys import migrate
+
+    try:
+        return migrate(tomllib.loads(a.read_text())) == migrate(tomllib.loads(b.read_text()))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False
 
 
 def compare_runs(a: Path, b: Path) -> list[str]:

@@ -64,7 +64,7 @@ def load_result(run_dir: str | Path) -> RunResult:
         if not (d / name).is_file():
             raise ExportError(f"{d} is not a finished run folder: {name} is missing.",
                               "pass the --out folder of a `fedmoe run` that completed (it writes summary.json).")
-    cfg = load_config(d / "config.toml")
+    cfg = load_config(d / "config.toml", stored=True)
     run = Run(cfg, d)
     state = load_file(str(d / GLOBAL_FILE))
     want = run.trainables.state

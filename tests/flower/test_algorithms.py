@@ -29,8 +29,8 @@ PARTITIONS = 2
 #: TC only (fast evaluation); 4 clients, 3 per round: some client takes part in both rounds;
 #: batch 1 × 2 steps, so FedProx's term and SCAFFOLD's variates act on weights that moved
 SMALL = [
-    'data.tasks=["tc"]', "data.max_examples_per_task=24", "setting.num_clients=4", "setting.clients_per_round=3",
-    "fedmoe.rounds=2", "train.batch_size=1", "train.max_local_steps=2", "engine.measure_memory=false",
+    'data.tasks=["tc"]', "data.max_examples_per_task=24", "setting.num_clients=4", "federation.clients_per_round=3",
+    "federation.rounds=2", "train.batch_size=1", "train.max_local_steps=2", "engine.measure_memory=false",
     "engine.checkpoint_every=0",
 ]
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_flwr_run_simulation_two_rounds(tmp_path, shared_data):
     pytest.importorskip("ray", reason='the simulation runtime needs `pip install "flwr[simulation]"`')
     overrides = "; ".join([
-        f"data.data_dir={shared_data}", "data.max_examples_per_task=36", "fedmoe.stage1_rounds=1", "fedmoe.rounds=1",
+        f"data.data_dir={shared_data}", "data.max_examples_per_task=36", "fedmoe.stage1_rounds=1", "federation.rounds=1",
         "train.max_local_steps=1", "engine.measure_memory=false", "engine.checkpoint_every=0",
     ])
     with LocalFederation(tmp_path, simulation=True) as fed:
@@ -41,7 +41,7 @@ def test_fedmoe_run_engine_flower_sim_matches_inprocess(tmp_path, shared_data):
     from tests.conftest import REPO
 
     sets = [f"data.data_dir={shared_data}", "data.max_examples_per_task=36", "fedmoe.stage1_rounds=1",
-            "fedmoe.rounds=1", "train.max_local_steps=1", "engine.measure_memory=false"]
+            "federation.rounds=1", "train.max_local_steps=1", "engine.measure_memory=false"]
     outs = {}
     for engine in ("inprocess", "flower-sim"):
         outs[engine] = tmp_path / engine

@@ -15,9 +15,9 @@ variates that travel both ways (:mod:`fedmoe.algorithms.scaffold`).
   clients keep their budgets ``M_k``.
 * **Budgets.** A client whose budget cannot hold the model (``submodel_bytes(all experts) >
   M_k``) stops the run with a :class:`~fedmoe.errors.BudgetError` naming the client, the
-  bytes needed and its budget — unless ``fedmoe.exclude_unfit``: then it never takes part
+  bytes needed and its budget — unless ``federation.exclude_unfit``: then it never takes part
   (recorded in the rounds' ``skipped`` and the summary's ``excluded``).
-* **Rounds.** ``fedmoe.rounds`` rounds (the same R as FedMoE's stage 2, so comparisons use
+* **Rounds.** ``federation.rounds`` rounds (the same R as FedMoE's stage 2, so comparisons use
   the same number of federated rounds), numbered 0…R−1 and recorded as stage 2; round r
   samples ``run.fed.sample_clients(r, rng_r)`` with the per-round generator
   :meth:`~fedmoe.engine.strategies.base.Strategy.round_rng` (so a resumed run replays
@@ -120,11 +120,11 @@ class BaselineStrategy(Strategy):
         for cid, budget in unfit:
             msg = (f"Client {cid} cannot hold the {self.name} global model ({sum(counts)} experts, "
                    f"{counts} per layer): it needs {need:.0f} training bytes, its budget is {budget:.0f} bytes.")
-            if not run.cfg.fedmoe.exclude_unfit:
+            if not run.cfg.federation.exclude_unfit:
                 others = f" ({len(unfit) - 1} more clients do not fit either)" if len(unfit) > 1 else ""
                 raise BudgetError(msg + others, "set baseline.num_experts to fewer experts per layer (-1 = the "
                                   "largest that fits every client), raise setting.budget_low, or set "
-                                  "fedmoe.exclude_unfit=true to leave such clients out.")
+                                  "federation.exclude_unfit=true to leave such clients out.")
             self.excluded[cid] = msg
         self.members = [cid for cid in sorted(run.clients) if cid not in self.excluded]
         if not self.members:
@@ -134,7 +134,7 @@ class BaselineStrategy(Strategy):
 
     # -- rounds ------------------------------------------------------------------------
     def num_rounds(self, run: Run) -> int:
-        return run.cfg.fedmoe.rounds
+        return run.cfg.federation.rounds
 
     def plan(self, run: Run, rnd: int) -> RoundPlan:
         drawn = run.fed.sample_clients(rnd, self.round_rng(run, rnd))

@@ -2,7 +2,7 @@
 
 Stage 1 measures p on **every** memory-rich client (budget ≥ the full MoE + LoRA): it lasts
 ``max(fedmoe.stage1_rounds, ⌈n_rich / per_round⌉)`` rounds (``per_round`` =
-``min(setting.clients_per_round, n_rich)``); each round takes memory-rich clients that have not
+``min(federation.clients_per_round, n_rich)``); each round takes memory-rich clients that have not
 reported yet first — in the order the setting's sampler draws them, then the others in a seeded
 order — and fills any remaining places with ones that have. While no client has reported p
 (every stage-1 turn failed), further rounds stay in stage 1 (taking rounds from stage 2);
@@ -42,11 +42,11 @@ class FedMoEStrategy(Strategy):
         if self.random_init:
             return 0
         n_rich = len(self._sufficient(run))
-        per_round = max(1, min(run.cfg.setting.clients_per_round, n_rich))
+        per_round = max(1, min(run.cfg.federation.clients_per_round, n_rich))
         return max(run.cfg.fedmoe.stage1_rounds, -(-n_rich // per_round))
 
     def num_rounds(self, run: Run) -> int:
-        return self._stage1_rounds(run) + run.cfg.fedmoe.rounds
+        return self._stage1_rounds(run) + run.cfg.federation.rounds
 
     def _sufficient(self, run: Run) -> list[int]:
         table = run.plan.table
@@ -78,7 +78,7 @@ class FedMoEStrategy(Strategy):
         """Memory-rich clients of a stage-1 round: unreported ones first (sampler's draw, then a
         seeded order), remaining places filled with reported ones (same order)."""
         rich = self._sufficient(run)
-        per_round = min(run.cfg.setting.clients_per_round, len(rich))
+        per_round = min(run.cfg.federation.clients_per_round, len(rich))
         rng = self.round_rng(run, rnd)
         drawn = [c for c in run.fed.sample_clients(rnd, rng) if c in rich]
         rest = [int(c) for c in rng.permutation(rich) if c not in drawn]
@@ -92,12 +92,12 @@ class FedMoEStrategy(Strategy):
         if self.random_init:
             p = {cid: np.zeros_like(run.plan.table.expert_bytes) for cid in self.info}
             self.state = algo.initial_expert_sets(self.state, p, run.plan.table, alpha=fc.alpha, tol=fc.theta_tol,
-                                                  exclude_unfit=fc.exclude_unfit,
+                                                  exclude_unfit=run.cfg.federation.exclude_unfit,
                                                   random_init=np.random.default_rng([run.cfg.seed, 7]))
         else:
             p = algo.predict_p(self.reports, self.info)
             self.state = algo.initial_expert_sets(self.state, p, run.plan.table, alpha=fc.alpha, tol=fc.theta_tol,
-                                                  exclude_unfit=fc.exclude_unfit, reported=self.reports.keys())
+                                                  exclude_unfit=run.cfg.federation.exclude_unfit, reported=self.reports.keys())
         self.start_counts = algo.expert_count_stats(self.state)
 
     def uses_checkpointing(self, run: Run, cid: int, stage: int) -> bool:

@@ -25,7 +25,7 @@ shared tensors, server bookkeeping) and :mod:`fedmoe.moe.graft` (choosing e*, gr
   (and stale ones from rounds ≥ r of an interrupted run) are removed. With
   ``engine.checkpoint_every`` > 1 a client taking part twice between checkpoints can lose the
   file a replay would need (it then restores an older one).
-* **Rounds.** ``fedmoe.rounds`` rounds recorded as stage 2, sampled like the baselines. Budgets
+* **Rounds.** ``federation.rounds`` rounds recorded as stage 2, sampled like the baselines. Budgets
   are not enforced (the paper's FLEx has none): each client's ``predicted_memory_bytes`` is the
   full MoE's, reported against its budget.
 * **Final evaluation.** Each client on the full MoE with the final shared tensors and its own
@@ -235,7 +235,7 @@ class FlexStrategy(Strategy):
         self.full = [list(range(n)) for n in run.plan.num_experts]
 
     def num_rounds(self, run: Run) -> int:
-        return run.cfg.fedmoe.rounds
+        return run.cfg.federation.rounds
 
     def plan(self, run: Run, rnd: int) -> RoundPlan:
         sampled = run.fed.sample_clients(rnd, self.round_rng(run, rnd))

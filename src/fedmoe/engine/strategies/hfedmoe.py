@@ -8,8 +8,8 @@ selection, τ-filtered expert aggregation, importance-weighted gate aggregation)
   memory budget M_k over the run's additive training-memory table (the same table and M_k as
   every other algorithm), with safety factor ``hfedmoe.alpha``. A client that cannot train one
   expert per layer stops the run with a :class:`~fedmoe.errors.BudgetError`, or is left out
-  when ``fedmoe.exclude_unfit`` (recorded in ``skipped`` / the summary's ``excluded``).
-* **Rounds.** ``fedmoe.rounds`` rounds recorded as stage 2 (as the baselines), sampled with
+  when ``federation.exclude_unfit`` (recorded in ``skipped`` / the summary's ``excluded``).
+* **Rounds.** ``federation.rounds`` rounds recorded as stage 2 (as the baselines), sampled with
   ``run.fed.sample_clients`` and the per-round generator, so a resumed run replays exactly.
 * **Selection pass (§3.2–3.4), per sampled client, before its turn** — a *configure* message
   exchange, run by :meth:`HFedMoEStrategy.plan` (the plan must name every client's expert set):
@@ -131,7 +131,7 @@ class HFedMoEStrategy(Strategy):
                 self.state.budgets[cid] = algo.compute_budget(table.budgets[cid], table.dense_bytes, table.expert_bytes,
                                                               alpha=hc.alpha, client_id=cid)
             except BudgetError as err:
-                if not run.cfg.fedmoe.exclude_unfit:
+                if not run.cfg.federation.exclude_unfit:
                     raise
                 self.excluded[cid] = err.what
         if len(self.excluded) == len(run.clients):
@@ -145,7 +145,7 @@ class HFedMoEStrategy(Strategy):
         self._final: tuple[int, dict[int, list[list[int]]]] | None = None
 
     def num_rounds(self, run: Run) -> int:
-        return run.cfg.fedmoe.rounds
+        return run.cfg.federation.rounds
 
     # -- selection pass -------------------------------------------------------------------
     def _scorer(self, run: Run) -> tuple[nn.Module, Any]:
