@@ -31,6 +31,7 @@ from fedmoe.engine.templates import TemplateCache
 from fedmoe.engine.trainables import Trainables
 from fedmoe.engine.turn import InProcess, finish_turn, notify, play_round, prepare_turn
 from fedmoe.errors import RunStopped
+from fedmoe.moe.lora import LoraSpec
 from fedmoe.moe.models import load_model
 from fedmoe.moe.slicing import extract, layout_of
 from fedmoe.train.batching import model_kind
@@ -75,8 +76,7 @@ class Run:
             p.requires_grad_(False)
         t = self.cfg.train
         self.base = model
-        self.trainables = Trainables.create(model, self.family, t.finetune, t.lora_r, t.lora_alpha,
-                                            t.lora_dropout, self.cfg.seed)
+        self.trainables = Trainables.create(model, self.family, t.finetune, LoraSpec.of(t), self.cfg.seed)
         self.base_layout = layout_of(model, self.family)
         self.cache: dict[int, set] = {}  # client → base units (and "dense") it already holds
         self.templates = TemplateCache(model, self.family)  # the server's wrapped sub-MoEs
