@@ -5,7 +5,11 @@
 What is compared, file by file over the union of both trees:
 
 * ``rounds.jsonl``: every record, with the timing fields (:data:`TIME_KEYS`) removed at any depth;
-* ``summary.json`` and checkpoints' ``state.json``: the same, after removing :data:`TIME_KEYS`;
+* ``summary.json``: the same, after removing :data:`TIME_KEYS`;
+* checkpoints' ``state.json`` with its ``state.safetensors``: the encoded state tree with each
+  tensor reference replaced by the tensor (dtype, shape, bytes) and :data:`TIME_KEYS` removed;
+  the same entries in another dict order (SCAFFOLD's client variates come from safetensors
+  bytes, whose Rust hash map orders them per process) are a ``note:`` line;
 * ``*.safetensors`` (global trainable state, checkpoints, FLEx side experts): every tensor
   bitwise (dtype, shape and bytes) and the metadata;
 * ``manifest.json`` of checkpoints: as JSON without the ``files`` hashes (the files themselves
@@ -108,9 +112,45 @@ def _pickle_ops(data: bytes) -> list[tuple[str, Any]]:
     return ops
 
 
+def _canon(tree: Any, tensors: dict[str, tuple[str, tuple[int, ...], bytes]], ordered: bool) -> Any:
+    """A checkpoint state tree (:mod:`fedmoe.engine.safe_state` encoding) with each tensor
+    reference replaced by the tensor (dtype, shape, bytes) and the time keys removed; with
+    ``ordered`` False, dict entries are sorted (their order can follow a hash map)."""
+
+    def c(o: Any) -> Any:
+        if isinstance(o, list):
+            return tuple(c(x) for x in o)
+        if not isinstance(o, dict):
+            return o
+        tag = o.get("__t")
+        if tag in ("tensor", "ndarray"):
+            return ("tensor", tensors.get(o.get("k")), o.get("dtype"))
+        if tag == "dict":
+            items = [(c(k), c(v)) for k, v in o.get("items", []) if k not in TIME_KEYS]
+            return ("dict", tuple(items) if ordered else tuple(sorted(items, key=repr)))
+        return tuple((k, c(v)) for k, v in sorted(o.items()) if k not in TIME_KEYS)
+
+    return c(tree)
+
+
+def _compare_state(a: Path, b: Path, rel: str) -> list[str]:
+    ta, tb = json.loads(a.read_text()), json.loads(b.read_text())
+    sa = a.parent / "state.safetensors"
+    sb = b.parent / "state.safetensors"
+    xa = _tensors(sa)[0] if sa.is_file() else {}
+    xb = _tensors(sb)[0] if sb.is_file() else {}
+    if _canon(ta, xa, True) == _canon(tb, xb, True):
+        return []
+    if _canon(ta, xa, False) == _canon(tb, xb, False):
+        return [f"{NOTE}{rel}: same entries in another order (dicts filled from safetensors bytes follow its hash map)"]
+    return [f"{rel}: differs"]
+
+
 def compare_file(a: Path, b: Path, rel: str) -> list[str]:
     """Differences between two files of the same relative path ``rel`` (empty: identical)."""
     name = a.name
+    if name == "state.safetensors" and (a.parent / "state.json").is_file():
+        return []  # the tensors of state.json: compared with it
     if name.endswith(".safetensors"):
         (ta, ma), (tb, mb) = _tensors(a), _tensors(b)
         diffs = [f"{rel}: metadata differs"] if ma != mb else []
@@ -128,7 +168,9 @@ def compare_file(a: Path, b: Path, rel: str) -> list[str]:
         if len(ra) != len(rb):
             return [f"{rel}: {len(ra)} vs {len(rb)} records"]
         return [f"{rel}: round record {i} differs" for i, (x, y) in enumerate(zip(ra, rb, strict=True)) if x != y]
-    if name in ("summary.json", "state.json"):  # state.json: a checkpoint's state (round records inside)
+    if name == "state.json":  # a checkpoint's server state (round records inside) + its state.safetensors
+        return _compare_state(a, b, rel)
+    if name == "summary.json":
         return [] if _strip(json.loads(a.read_text())) == _strip(json.loads(b.read_text())) else [f"{rel}: differs"]
     if name.endswith(".pkl"):
         oa, ob = _pickle_ops(a.read_bytes()), _pickle_ops(b.read_bytes())

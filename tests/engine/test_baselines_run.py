@@ -33,7 +33,7 @@ def _drive(cfg, out: Path) -> Run:
     """All rounds of a run, without the final evaluation."""
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, out)
-    for rnd in range(run.strategy.num_rounds(run)):
+    for rnd in range(run.strategy.num_rounds()):
         run.round(run.strategy.plan(run, rnd))
     return run
 

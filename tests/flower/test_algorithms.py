@@ -46,7 +46,7 @@ def inprocess(settings: AppSettings, out: Path) -> Run:
     out.mkdir(parents=True)
     (out / "rounds.jsonl").write_text("")
     run = Run(settings.experiment_config(), out)
-    for rnd in range(run.strategy.num_rounds(run)):
+    for rnd in range(run.strategy.num_rounds()):
         run.round(run.strategy.plan(run, rnd))
     write_outputs(run, time.perf_counter())
     return run

@@ -62,6 +62,4 @@ class RunView(Protocol):
     latest_p: dict[int, np.ndarray]
     p_snapshots: dict[str, dict[str, list]]
 
-    def use_model(self, model: Any, plan: MemoryPlan | None = None) -> None: ...
-
     def _base_bytes(self, cid: int, kept: list[list[int]]) -> int: ...

@@ -55,7 +55,7 @@ from fedmoe.core.layout import UnitLayout
 from fedmoe.data.settings import ClientData
 from fedmoe.engine.client import ClientContext, ClientPlan, ClientReply
 from fedmoe.engine.node_plans import ExtraUp, NodeTurn, register_client_kind, register_node_plan
-from fedmoe.engine.strategies.base import RoundPlan, Strategy
+from fedmoe.engine.strategies.base import NewGlobal, RoundPlan, SetupInput, Strategy
 from fedmoe.engine.strategies.hfedmoe import client_batches
 from fedmoe.engine.trainables import HEAD_TASKS, Trainables, _other_heads
 from fedmoe.errors import ConfigError
@@ -219,21 +219,23 @@ class FlexStrategy(Strategy):
     """FLEx (2025) on the in-process engine; see the module docstring."""
 
     client_kind = CLIENT_KIND
+    config_section = "flex"
 
-    def setup(self, run: Run) -> None:
-        t = run.cfg.train
-        if t.finetune != "lora":
-            raise ConfigError(f"FLEx trains attention LoRA + side experts; train.finetune = {t.finetune!r}.",
+    def setup(self, inp: SetupInput) -> NewGlobal:
+        if inp.finetune != "lora":
+            raise ConfigError(f"FLEx trains attention LoRA + side experts; train.finetune = {inp.finetune!r}.",
                               "set train.finetune=lora.")
-        if run.cfg.flex.max_choice_examples < 0:
-            raise ConfigError(f"flex.max_choice_examples = {run.cfg.flex.max_choice_examples} is negative.",
+        if inp.section.max_choice_examples < 0:
+            raise ConfigError(f"flex.max_choice_examples = {inp.section.max_choice_examples} is negative.",
                               "use 0 (the whole train split) or a positive count.")
-        run.trainables = FlexTrainables.create_shared(run.base, run.family, LoraSpec.of(t), run.cfg.seed)
-        self.state = algo.init_state(run.trainables.state)
-        self.full = [list(range(n)) for n in run.plan.num_experts]
+        trainables = FlexTrainables.create_shared(inp.model, inp.family, inp.lora, inp.seed)
+        self.state = algo.init_state(trainables.state)
+        self.full = [list(range(n)) for n in inp.plan.num_experts]
+        self.rounds = inp.federation.rounds
+        return NewGlobal(trainables)
 
-    def num_rounds(self, run: Run) -> int:
-        return run.cfg.federation.rounds
+    def num_rounds(self) -> int:
+        return self.rounds
 
     def plan(self, run: Run, rnd: int) -> RoundPlan:
         sampled = run.fed.sample_clients(rnd, self.round_rng(run, rnd))
@@ -252,14 +254,15 @@ class FlexStrategy(Strategy):
         """First participation: the client reports e* (node plan ``flex-choice``)."""
         return None if cid in self.state.personal_experts else ClientPlan(node_plan=CHOICE_PLAN)
 
-    def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
+    def aggregate(self, current: Trainables, plan: RoundPlan, updates: list[ClientUpdate],
+                  replies: dict[int, ClientReply]) -> dict[str, torch.Tensor]:
         state = self.state
         for u in updates:
             extra = replies[u.client_id].extra or {}
             if CHOICE_KEY in extra:
                 state = algo.record_choice(state, u.client_id, [int(e) for e in extra[CHOICE_KEY].tolist()])
         self.state = algo.aggregate(state, updates)
-        run.trainables.state = dict(self.state.shared)
+        return dict(self.state.shared)
 
     def final_sets(self, run: Run) -> dict[int, list[list[int]]]:
         return {cid: self.full for cid in sorted(run.clients)}

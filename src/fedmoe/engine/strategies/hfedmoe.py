@@ -46,7 +46,8 @@ from fedmoe.core.aggregation import ClientUpdate
 from fedmoe.data.settings import ClientData
 from fedmoe.engine.client import ClientContext, ClientPlan, ClientReply
 from fedmoe.engine.payload import from_bytes, to_bytes
-from fedmoe.engine.strategies.base import RoundPlan, Strategy
+from fedmoe.engine.strategies.base import RoundPlan, SetupInput, Strategy
+from fedmoe.engine.trainables import Trainables
 from fedmoe.errors import BudgetError, ConfigError
 from fedmoe.moe.graft import collect_router_stats
 from fedmoe.moe.slicing import extract
@@ -109,8 +110,10 @@ def routing_pass(model: nn.Module, run: Run, client: ClientData, max_examples: i
 class HFedMoEStrategy(Strategy):
     """HFedMoE (Fang et al. 2026) on the in-process engine; see the module docstring."""
 
-    def setup(self, run: Run) -> None:
-        hc = run.cfg.hfedmoe
+    config_section = "hfedmoe"
+
+    def setup(self, inp: SetupInput) -> None:
+        hc, self.fed = inp.section, inp.federation
         if not 0.0 <= hc.lam <= 1.0:
             raise ConfigError(f"hfedmoe.lam = {hc.lam} is out of range.", "use a value in [0, 1].")
         if hc.beta < 0:
@@ -122,19 +125,19 @@ class HFedMoEStrategy(Strategy):
                               "use 0 (the whole train split) or a positive count.")
         self.lam, self.beta, self.max_score = hc.lam, hc.beta, hc.max_score_examples
         self.tau: float | None = None if hc.tau < 0 else hc.tau
-        self.full = [list(range(n)) for n in run.plan.num_experts]
+        self.full = [list(range(n)) for n in inp.plan.num_experts]
         self.state = algo.HFedMoEServerState()
         self.excluded: dict[int, str] = {}
-        table = run.plan.table
-        for cid in sorted(run.clients):
+        table = inp.plan.table
+        for cid in sorted(inp.clients):
             try:
                 self.state.budgets[cid] = algo.compute_budget(table.budgets[cid], table.dense_bytes, table.expert_bytes,
                                                               alpha=hc.alpha, client_id=cid)
             except BudgetError as err:
-                if not run.cfg.federation.exclude_unfit:
+                if not self.fed.exclude_unfit:
                     raise
                 self.excluded[cid] = err.what
-        if len(self.excluded) == len(run.clients):
+        if len(self.excluded) == len(inp.clients):
             raise BudgetError("No client can train one expert per MoE layer under HFedMoE.",
                               "raise setting.budget_low or hfedmoe.alpha.")
         #: round → client → the expert sets it trained that round
@@ -144,8 +147,8 @@ class HFedMoEStrategy(Strategy):
         self.last_info: dict[str, Any] = {}
         self._final: tuple[int, dict[int, list[list[int]]]] | None = None
 
-    def num_rounds(self, run: Run) -> int:
-        return run.cfg.federation.rounds
+    def num_rounds(self) -> int:
+        return self.fed.rounds
 
     # -- selection pass -------------------------------------------------------------------
     def _scorer(self, run: Run) -> tuple[nn.Module, Any]:
@@ -181,9 +184,11 @@ class HFedMoEStrategy(Strategy):
         return ClientPlan(setup_down_bytes=down, setup_up_bytes=up, setup_base_bytes=base)
 
     # -- aggregation ----------------------------------------------------------------------
-    def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
-        self.state, run.trainables.state, self.last_info = algo.aggregate(
-            self.state, run.trainables.state, run.trainables.layout, updates, tau=self.tau)
+    def aggregate(self, current: Trainables, plan: RoundPlan, updates: list[ClientUpdate],
+                  replies: dict[int, ClientReply]) -> dict[str, torch.Tensor]:
+        self.state, state, self.last_info = algo.aggregate(self.state, current.state, current.layout, updates,
+                                                           tau=self.tau)
+        return state
 
     def after_round(self, run: Run, plan: RoundPlan, replies: dict[int, ClientReply]) -> dict[str, Any]:
         actions: list[dict[str, Any]] = [
