@@ -5,7 +5,11 @@
 What is compared, file by file over the union of both trees:
 
 * ``rounds.jsonl``: every record, with the timing fields (:data:`TIME_KEYS`) removed at any depth;
-* ``summary.json`` and checkpoints' ``state.json``: the same, after removing :data:`TIME_KEYS`;
+* ``summary.json``: the same, after removing :data:`TIME_KEYS`;
+* checkpoints' ``state.json`` with its ``state.safetensors``: the encoded state tree with each
+  tensor reference replaced by the tensor (dtype, shape, bytes) and :data:`TIME_KEYS` removed;
+  the same entries in another dict order (SCAFFOLD's client variates come from safetensors
+  bytes, whose Rust hash map orders them per process) are a ``note:`` line;
 * ``*.safetensors`` (global trainable state, checkpoints, FLEx side experts): every tensor
   bitwise (dtype, shape and bytes) and the metadata;
 * ``manifest.json`` of checkpoints: as JSON without the ``files`` hashes (the files themselves
@@ -19,7 +23,11 @@ What is compared, file by file over the union of both trees:
   Dicts rebuilt from safetensors bytes (SCAFFOLD's client variates) came in the order of its
   Rust hash map, which changed per process, in runs written before ``from_bytes`` sorted them:
   the same opcodes in another order are reported as a ``note:`` line, not as a difference;
-* everything else (``config.toml``, ``expert_map.json``, ``p_by_task.json``, ``LATEST`` …): byte
+* ``config.toml``: byte for byte; when the bytes differ but the values are equal once keys that
+  moved section (:data:`fedmoe.config_keys.MOVED`, e.g. ``fedmoe.rounds`` → ``federation.rounds``)
+  carry their new names, a ``note:`` line (a run written before the move against one written after);
+  the flat config inside checkpoints' ``manifest.json`` is compared after the same renaming;
+* everything else (``expert_map.json``, ``p_by_task.json``, ``LATEST`` …): byte
   for byte.
 
 A file present on one side only is a difference. Exit status 0 when every pair is identical,
@@ -104,9 +112,45 @@ def _pickle_ops(data: bytes) -> list[tuple[str, Any]]:
     return ops
 
 
+def _canon(tree: Any, tensors: dict[str, tuple[str, tuple[int, ...], bytes]], ordered: bool) -> Any:
+    """A checkpoint state tree (:mod:`fedmoe.engine.safe_state` encoding) with each tensor
+    reference replaced by the tensor (dtype, shape, bytes) and the time keys removed; with
+    ``ordered`` False, dict entries are sorted (their order can follow a hash map)."""
+
+    def c(o: Any) -> Any:
+        if isinstance(o, list):
+            return tuple(c(x) for x in o)
+        if not isinstance(o, dict):
+            return o
+        tag = o.get("__t")
+        if tag in ("tensor", "ndarray"):
+            return ("tensor", tensors.get(o.get("k")), o.get("dtype"))
+        if tag == "dict":
+            items = [(c(k), c(v)) for k, v in o.get("items", []) if k not in TIME_KEYS]
+            return ("dict", tuple(items) if ordered else tuple(sorted(items, key=repr)))
+        return tuple((k, c(v)) for k, v in sorted(o.items()) if k not in TIME_KEYS)
+
+    return c(tree)
+
+
+def _compare_state(a: Path, b: Path, rel: str) -> list[str]:
+    ta, tb = json.loads(a.read_text()), json.loads(b.read_text())
+    sa = a.parent / "state.safetensors"
+    sb = b.parent / "state.safetensors"
+    xa = _tensors(sa)[0] if sa.is_file() else {}
+    xb = _tensors(sb)[0] if sb.is_file() else {}
+    if _canon(ta, xa, True) == _canon(tb, xb, True):
+        return []
+    if _canon(ta, xa, False) == _canon(tb, xb, False):
+        return [f"{NOTE}{rel}: same entries in another order (dicts filled from safetensors bytes follow its hash map)"]
+    return [f"{rel}: differs"]
+
+
 def compare_file(a: Path, b: Path, rel: str) -> list[str]:
     """Differences between two files of the same relative path ``rel`` (empty: identical)."""
     name = a.name
+    if name == "state.safetensors" and (a.parent / "state.json").is_file():
+        return []  # the tensors of state.json: compared with it
     if name.endswith(".safetensors"):
         (ta, ma), (tb, mb) = _tensors(a), _tensors(b)
         diffs = [f"{rel}: metadata differs"] if ma != mb else []
@@ -124,7 +168,9 @@ def compare_file(a: Path, b: Path, rel: str) -> list[str]:
         if len(ra) != len(rb):
             return [f"{rel}: {len(ra)} vs {len(rb)} records"]
         return [f"{rel}: round record {i} differs" for i, (x, y) in enumerate(zip(ra, rb, strict=True)) if x != y]
-    if name in ("summary.json", "state.json"):  # state.json: a checkpoint's state (round records inside)
+    if name == "state.json":  # a checkpoint's server state (round records inside) + its state.safetensors
+        return _compare_state(a, b, rel)
+    if name == "summary.json":
         return [] if _strip(json.loads(a.read_text())) == _strip(json.loads(b.read_text())) else [f"{rel}: differs"]
     if name.endswith(".pkl"):
         oa, ob = _pickle_ops(a.read_bytes()), _pickle_ops(b.read_bytes())
@@ -137,8 +183,32 @@ def compare_file(a: Path, b: Path, rel: str) -> list[str]:
         ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
         ja.pop("files", None)
         jb.pop("files", None)
+        for j in (ja, jb):  # a run written before a config key moved: the key under its new name
+            j["config"] = migrate_flat(j.get("config", {}))
         return [] if ja == jb else [f"{rel}: differs"]
-    return [] if a.read_bytes() == b.read_bytes() else [f"{rel}: bytes differ"]
+    if a.read_bytes() == b.read_bytes():
+        return []
+    if name == "config.toml" and _moved_equal(a, b):
+        return [f"{NOTE}{rel}: same config once moved keys carry their new names (fedmoe.config_keys.MOVED)"]
+    return [f"{rel}: bytes differ"]
+
+
+def migrate_flat(flat: dict[str, Any]) -> dict[str, Any]:
+    from fedmoe.config_keys import migrate_flat as migrate
+
+    return migrate(flat)
+
+
+def _moved_equal(a: Path, b: Path) -> bool:
+    """Whether two ``config.toml`` files hold the same values once moved keys are renamed."""
+    import tomllib
+
+    from fedmoe.config_keys import migrate
+
+    try:
+        return migrate(tomllib.loads(a.read_text())) == migrate(tomllib.loads(b.read_text()))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False
 
 
 def compare_runs(a: Path, b: Path) -> list[str]:

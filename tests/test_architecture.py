@@ -18,12 +18,13 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: package layers, low to high: a module may import its own package and lower layers only
-LAYERS: dict[str, int] = {
+LAYERS: dict[str, float] = {
     "fedmoe": -1,  # the package itself (__version__, process policy): importable from anywhere
     "errors": 0,
     "faultspec": 1, "quiet": 1,
     "core": 2,
     "algorithms": 3,  # its __init__ holds the algorithm registry, which config reads
+    "config_keys": 3.5,  # moved-key table and value checks: read by config and by readers of stored runs
     "config": 4,
     "data": 5, "moe": 5,
     "train": 6,

@@ -81,3 +81,45 @@ def test_pickled_state_compared_by_content_without_unpickling(tmp_path):
     notes = compare_runs.compare_runs(a, order)
     assert len(notes) == 1 and notes[0].startswith(compare_runs.NOTE) and compare_runs.main([str(a), str(order)]) == 0
     assert compare_runs.compare_runs(a, value) == ["checkpoints/round-00001/state.pkl: pickled state differs"]
+
+
+def test_config_with_moved_keys_is_a_note_not_a_difference(tmp_path):
+    """A run written before `fedmoe.rounds` moved to `federation.rounds` compares equal to one written after."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "config.toml").write_text("seed = 0\n\n[setting]\nclients_per_round = 3\n\n[fedmoe]\nrounds = 2\nalpha = 1.0\n")
+    (b / "config.toml").write_text("seed = 0\n\n[fedmoe]\nalpha = 1.0\n\n[federation]\nrounds = 2\nclients_per_round = 3\n")
+    (a / "manifest.json").write_text(json.dumps({"config": {"fedmoe.rounds": 2}, "files": {"x": "1"}}))
+    (b / "manifest.json").write_text(json.dumps({"config": {"federation.rounds": 2}, "files": {"x": "2"}}))
+    lines = compare_runs.compare_runs(a, b)
+    assert len(lines) == 1 and lines[0].startswith(compare_runs.NOTE + "config.toml: same config")
+    assert compare_runs.main([str(a), str(b)]) == 0
+    (b / "config.toml").write_text("seed = 0\n\n[fedmoe]\nalpha = 1.0\n\n[federation]\nrounds = 3\nclients_per_round = 3\n")
+    (b / "manifest.json").write_text(json.dumps({"config": {"federation.rounds": 3}}))
+    assert compare_runs.compare_runs(a, b) == ["config.toml: bytes differ", "manifest.json: differs"]
+
+
+def test_checkpoint_state_compared_through_its_tensors_dict_order_is_a_note(tmp_path):
+    """state.json + state.safetensors: tensor names follow encoding order; values are what count."""
+    from fedmoe.engine.safe_state import encode
+
+    x, y = torch.arange(4.0), torch.ones(2, 3)
+
+    def write(name, state):
+        d = tmp_path / name / "checkpoints" / "round-00000"
+        d.mkdir(parents=True)
+        tree, tensors = encode(state)
+        (d / "state.json").write_text(json.dumps(tree))
+        save_file(tensors, str(d / "state.safetensors"))
+        return tmp_path / name
+
+    a = write("a", {"round": 0, "variates": {1: {"x": x, "y": y}}, "wall_time_s": 1.0})
+    same = write("same", {"round": 0, "variates": {1: {"x": x.clone(), "y": y.clone()}}, "wall_time_s": 2.0})
+    order = write("order", {"round": 0, "variates": {1: {"y": y, "x": x}}, "wall_time_s": 1.0})
+    value = write("value", {"round": 0, "variates": {1: {"x": x, "y": y + 1}}, "wall_time_s": 1.0})
+    assert compare_runs.compare_runs(a, same) == []
+    rel = "checkpoints/round-00000/state.json"
+    assert compare_runs.compare_runs(a, order) == [
+        f"{compare_runs.NOTE}{rel}: same entries in another order (dicts filled from safetensors bytes follow its hash map)"]
+    assert compare_runs.compare_runs(a, value) == [f"{rel}: differs"]

@@ -97,10 +97,10 @@ def data_dir() -> Path:
 def cell(algorithm: str, model: str, device: str, out_dir: Path, tiny: bool) -> dict:
     sets = [f'model.name="{model}"', f'algorithm="{algorithm}"', f'engine.device="{device}"',
             "engine.checkpoint_every=0", f'data.data_dir="{data_dir()}"']
-    sets += (["data.max_examples_per_task=36", "setting.num_clients=6", "setting.clients_per_round=3",
-              "fedmoe.stage1_rounds=1", "fedmoe.rounds=1", "train.max_local_steps=1", "engine.measure_memory=false"]
-             if tiny else ["data.max_examples_per_task=200", "setting.num_clients=6", "setting.clients_per_round=3",
-                           "fedmoe.stage1_rounds=1", "fedmoe.rounds=2", "train.max_local_steps=8"])
+    sets += (["data.max_examples_per_task=36", "setting.num_clients=6", "federation.clients_per_round=3",
+              "fedmoe.stage1_rounds=1", "federation.rounds=1", "train.max_local_steps=1", "engine.measure_memory=false"]
+             if tiny else ["data.max_examples_per_task=200", "setting.num_clients=6", "federation.clients_per_round=3",
+                           "fedmoe.stage1_rounds=1", "federation.rounds=2", "train.max_local_steps=8"])
     cmd = [sys.executable, "-m", "fedmoe.cli", "run", str(REPO / "configs" / "tiny.toml"), "--out", str(out_dir)]
     for s in sets:
         cmd += ["--set", s]

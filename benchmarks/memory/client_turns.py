@@ -76,7 +76,7 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
             f'data.data_dir="{data_dir}"', f'model.name="{name}"', "data.max_examples_per_task=96",
             f"data.max_seq_len={s}", "data.max_target_len=16", f"train.batch_size={b}", f"train.max_local_steps={steps}",
             "train.eval_batch_size=8", "engine.measure_memory=true", "setting.num_clients=3",
-            'setting.preset="standard-hetero-t"', "setting.clients_per_round=3",
+            'setting.preset="standard-hetero-t"', "federation.clients_per_round=3",
         ])
         out = Path(tmp) / f"{name}-{b}x{s}"
         out.mkdir(parents=True)

@@ -48,8 +48,8 @@ from _common import load_avg, machine, md_table, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SETS = [
-    "data.max_examples_per_task=60", "setting.num_clients=6", "setting.clients_per_round=3",
-    "fedmoe.stage1_rounds=1", "fedmoe.rounds=3", "train.max_local_steps=2",
+    "data.max_examples_per_task=60", "setting.num_clients=6", "federation.clients_per_round=3",
+    "fedmoe.stage1_rounds=1", "federation.rounds=3", "train.max_local_steps=2",
     "engine.measure_memory=false", "engine.checkpoint_every=0",
 ]
 PARTS = ("client", "extraction", "templates", "aggregation", "recommendation", "serialisation")

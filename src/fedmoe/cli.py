@@ -191,7 +191,8 @@ def run(
         check_resume_dir(resume)
     if config is None:
         raise ConfigError("No config file given.", "run `fedmoe run CONFIG.toml` or `fedmoe run --resume RUN_DIR`.")
-    cfg = load_config(config, [*(set_ or []), *([f'engine.name="{engine}"'] if engine else [])])
+    cfg = load_config(config, [*(set_ or []), *([f'engine.name="{engine}"'] if engine else [])],
+                      stored=resume is not None)  # a run's own config.toml: moved keys translated
     from fedmoe.progress import parse_logs
 
     logs = parse_logs(log)

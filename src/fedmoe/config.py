@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import tomllib
 import types
 import typing
@@ -16,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmoe.algorithms import ALGORITHM_NAMES
+from fedmoe.config_keys import _CHOICES, _RANGES, _get, migrate, refuse_moved, validate
 from fedmoe.errors import ConfigError
+
+__all__ = ["_CHOICES", "_RANGES", "_get", "validate"]  # defined in fedmoe.config_keys, read from here too
 
 
 @dataclass
@@ -60,8 +61,6 @@ class SettingConfig:
     #: one of standard-hetero-t | standard-hetero-td | enforced-hetero-t | enforced-hetero-td
     preset: str = "standard-hetero-t"
     num_clients: int = 30
-    #: clients per round for the uniform sampler (the enforced sampler always takes 3)
-    clients_per_round: int = 5
     #: "uniform" or "enforced" (3 clients of 3 different tasks per round); "" = from preset
     sampler: str = ""
     #: "iid" or "dirichlet"; "" = from preset
@@ -75,6 +74,21 @@ class SettingConfig:
     #: some clients with u_k >= 1 ("sufficient memory")
     budget_low: float = 0.3
     budget_high: float = 1.2
+
+
+@dataclass
+class FederationConfig:
+    """Keys every algorithm shares (they were ``fedmoe.rounds``, ``setting.clients_per_round``
+    and ``fedmoe.exclude_unfit``; :data:`fedmoe.config_keys.MOVED`)."""
+
+    #: R: federated rounds of every algorithm (FedMoE: stage-2 rounds, after ``fedmoe.stage1_rounds``)
+    rounds: int = 20
+    #: clients per round for the uniform sampler (the enforced sampler always takes 3)
+    clients_per_round: int = 5
+    #: leave out clients whose budget cannot hold what the algorithm needs (FedMoE: the dense
+    #: part alone exceeds α·M; baselines / HFedMoE: their global model / one expert per layer);
+    #: false: such a client stops the run with a one-line error
+    exclude_unfit: bool = False
 
 
 @dataclass
@@ -111,8 +125,6 @@ class TrainConfig:
 class FedMoEConfig:
     #: R1: stage-1 rounds of full-MoE LoRA fine-tuning by sufficient-memory clients
     stage1_rounds: int = 5
-    #: R: stage-2 rounds
-    rounds: int = 20
     #: α: share of the budget used by the initial submodel search (docs/algorithms.md §1.1 step 3 choice)
     alpha: float = 0.9
     #: bracket tolerance of the θ binary search
@@ -124,15 +136,13 @@ class FedMoEConfig:
     #: ablation switches (paper Table 2)
     stage1: bool = True
     stage2_adjust: bool = True
-    #: exclude clients whose dense part alone exceeds α·M (otherwise: fail loudly)
-    exclude_unfit: bool = False
 
 
 @dataclass
 class BaselineConfig:
     """Dense-sharing baselines FedAvg / FedProx / SCAFFOLD (docs/algorithms.md §2).
 
-    They train for ``fedmoe.rounds`` rounds (the same R as FedMoE's stage 2).
+    They train for ``federation.rounds`` rounds (the same R as FedMoE's stage 2).
     """
 
     #: experts per MoE layer of the baselines' global model (the first n of each layer);
@@ -147,7 +157,7 @@ class BaselineConfig:
 
 @dataclass
 class HFedMoEConfig:
-    """HFedMoE (docs/algorithms.md §3); it trains for ``fedmoe.rounds`` rounds like the other algorithms."""
+    """HFedMoE (docs/algorithms.md §3); it trains for ``federation.rounds`` rounds like the other algorithms."""
 
     #: λ of s(e) = λ·s_cumul(e) + (1−λ)·s_spec(e) (§3.2 choice)
     lam: float = 0.5
@@ -163,7 +173,7 @@ class HFedMoEConfig:
 
 @dataclass
 class FlexConfig:
-    """FLEx (docs/algorithms.md §4); it trains for ``fedmoe.rounds`` rounds like the other algorithms."""
+    """FLEx (docs/algorithms.md §4); it trains for ``federation.rounds`` rounds like the other algorithms."""
 
     #: b_side of the side gate σ(w_side·x + b_side) at grafting (§4.2 choice; w_side starts at 0)
     gate_bias: float = -4.0
@@ -207,6 +217,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     setting: SettingConfig = field(default_factory=SettingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fedmoe: FedMoEConfig = field(default_factory=FedMoEConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -314,8 +325,13 @@ def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a TOML file (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                stored: bool = False) -> ExperimentConfig:
+    """Load a TOML file (or defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    A moved key (:data:`fedmoe.config_keys.MOVED`) is refused with its new name — unless
+    ``stored``: the file is a config a run wrote (``RUN_DIR/config.toml``), whose moved keys are
+    translated; the overrides are checked either way."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -325,95 +341,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"Config file {p} is not valid TOML: {exc}.", "fix the syntax at that line.") from None
+        data = migrate(data) if stored else data
     for item in overrides or []:
         keys, value = parse_override(item)
         _merge(data, keys, value)
+    refuse_moved(data)  # from the file (unless stored) or an override
     return validate(_build(ExperimentConfig, data, "", ExperimentConfig))
-
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "algorithm": ALGORITHM_NAMES,  # the algorithm registry (fedmoe.algorithms.REGISTRY)
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "train.finetune": ("lora", "full"),
-    "engine.name": ("inprocess", "flower-sim"),
-    "engine.device": ("auto", "cpu", "cuda"),
-    "engine.wire_dtype": ("fp32", "bf16", "fp16"),
-}
-# key → (low, high, inclusive-low); values must lie in the range
-_RANGES: dict[str, tuple[float, float, bool]] = {
-    "train.lr": (0.0, float("inf"), False),
-    "train.batch_size": (1, float("inf"), True),
-    "train.local_epochs": (1, float("inf"), True),
-    "train.label_smoothing": (0.0, 1.0, True),
-    "train.lora_r": (1, float("inf"), True),
-    "fedmoe.alpha": (0.0, 1.0, False),
-    "fedmoe.patience": (1, float("inf"), True),
-    "fedmoe.top_k_similar": (1, float("inf"), True),
-    "fedmoe.rounds": (0, float("inf"), True),
-    "fedmoe.stage1_rounds": (0, float("inf"), True),
-    "setting.num_clients": (1, float("inf"), True),
-    "setting.clients_per_round": (1, float("inf"), True),
-    "setting.dirichlet_alpha": (0.0, float("inf"), False),
-    "setting.budget_low": (0.0, float("inf"), True),
-    "data.max_seq_len": (8, float("inf"), True),
-    "data.val_fraction": (0.0, 1.0, False),
-    "data.test_fraction": (0.0, 1.0, False),
-    "engine.client_timeout_s": (0.0, float("inf"), True),
-    "engine.max_empty_rounds": (0, float("inf"), True),
-    "seed": (0, 2**32 - 1, True), "train.weight_decay": (0.0, float("inf"), True),
-    "train.max_local_steps": (0, float("inf"), True), "train.warmup_ratio": (0.0, 1.0, True),
-    "train.grad_clip": (0.0, float("inf"), True), "train.load_balance_coef": (0.0, float("inf"), True),
-    "train.lora_alpha": (1, float("inf"), True), "train.lora_dropout": (0.0, 0.99, True),
-    "train.eval_batch_size": (1, float("inf"), True), "fedmoe.theta_tol": (0.0, 1.0, False),
-    "data.max_examples_per_task": (0, float("inf"), True), "data.max_target_len": (1, float("inf"), True),
-    "setting.num_clusters": (1, float("inf"), True), "setting.budget_high": (0.0, float("inf"), False),
-    "baseline.num_experts": (-1, float("inf"), True), "baseline.fedprox_mu": (0.0, float("inf"), True),
-    "baseline.scaffold_server_lr": (0.0, float("inf"), False), "hfedmoe.lam": (0.0, 1.0, True),
-    "hfedmoe.beta": (0.0, float("inf"), True), "hfedmoe.tau": (-float("inf"), 1.0, False),
-    "hfedmoe.alpha": (0.0, float("inf"), False), "hfedmoe.max_score_examples": (0, float("inf"), True),
-    "flex.gate_bias": (-float("inf"), float("inf"), False), "flex.max_choice_examples": (0, float("inf"), True),
-    "engine.checkpoint_every": (0, float("inf"), True), "engine.max_update_norm": (0.0, float("inf"), True),
-}  # every int/float key has a range (a test checks); every float must also be finite
-
-
-def _get(cfg: Any, key: str) -> Any:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Value checks that need no model or data (those are checked where they load)."""
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
-            fix = f"did you mean `{close[0]}`? (--set {key}={close[0]})" if close else f"set e.g. --set {key}={choices[0]}."
-            raise ConfigError(f"`{key}` = {value!r} is not one of {list(choices)}.", fix)
-    for key, (lo, hi, inclusive) in _RANGES.items():
-        v = _get(cfg, key)
-        if not (math.isfinite(v) and (v >= lo if inclusive else v > lo) and v <= hi):
-            bound = f"{'>=' if inclusive else '>'} {lo}" + (f" and <= {hi}" if hi != float("inf") else "")
-            raise ConfigError(f"`{key}` = {v!r} is out of range.", f"use a value {bound}.")
-    if cfg.setting.budget_high < cfg.setting.budget_low:
-        raise ConfigError(
-            f"setting.budget_high ({cfg.setting.budget_high}) is below setting.budget_low ({cfg.setting.budget_low}).",
-            "make budget_high >= budget_low.",
-        )
-    if cfg.engine.inject_faults:
-        from fedmoe.faultspec import parse_faults
-
-        parse_faults(cfg.engine.inject_faults)
-    if isinstance(cfg.train.gradient_checkpointing, str) and cfg.train.gradient_checkpointing != "auto":
-        raise ConfigError(f"`train.gradient_checkpointing` = {cfg.train.gradient_checkpointing!r} is not true, false "
-                          'or "auto".', "set e.g. --set train.gradient_checkpointing=auto.")
-    if isinstance(cfg.data.hub_split, dict) and (bad := sorted(set(cfg.data.hub_split) - {"tc", "rc", "ts"})):
-        raise ConfigError(f"data.hub_split names unknown task(s) {bad}.",
-                          'use the tasks tc, rc, ts, e.g. data.hub_split = {tc = "train", rc = "validation"}.')
-    if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
-        raise ConfigError("data.val_fraction + data.test_fraction must leave a train split (sum < 1).",
-                          "lower one of them, e.g. --set data.test_fraction=0.2.")
-    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from peft import get_peft_model
 from torch import nn
 
 from fedmoe.errors import ConfigError, FedMoEError
-from fedmoe.moe.lora import HEAD_PATTERNS, PEFT_PREFIX, lora_config
+from fedmoe.moe.lora import HEAD_PATTERNS, PEFT_PREFIX, LoraSpec, lora_config
 from fedmoe.moe.slicing import MAP_FILE, SubMoE, extract, save_sub_moe
 
 GLOBAL_FILE = "global_trainable.safetensors"
@@ -64,7 +64,7 @@ def load_result(run_dir: str | Path) -> RunResult:
         if not (d / name).is_file():
             raise ExportError(f"{d} is not a finished run folder: {name} is missing.",
                               "pass the --out folder of a `fedmoe run` that completed (it writes summary.json).")
-    cfg = load_config(d / "config.toml")
+    cfg = load_config(d / "config.toml", stored=True)
     run = Run(cfg, d)
     state = load_file(str(d / GLOBAL_FILE))
     want = run.trainables.state
@@ -81,14 +81,13 @@ def router_modules(model: nn.Module, family: Any) -> list[str]:
     return [f"{b.path}.{family.router_attr}" for b in family.blocks(model)]
 
 
-def peft_model_of(base: nn.Module, family: Any, state: dict[str, torch.Tensor], r: int, alpha: int,
-                  dropout: float) -> nn.Module:
+def peft_model_of(base: nn.Module, family: Any, state: dict[str, torch.Tensor], lora: LoraSpec) -> nn.Module:
     """A peft model over a copy of ``base`` holding ``state`` (fedmoe's trainable tensors),
     with routers and task heads as ``modules_to_save``."""
     model = copy.deepcopy(base)
     heads = sorted({n.split(".")[0] for n, _ in model.named_parameters()
                     if any(n.startswith(h + ".") for h in HEAD_PATTERNS)})
-    config = lora_config(family, model, r, alpha, dropout)
+    config = lora_config(family, model, lora.r, lora.alpha, lora.dropout)
     config.modules_to_save = router_modules(model, family) + heads
     pm = get_peft_model(model, config)
     params = {_ours(n): p for n, p in pm.named_parameters() if p.requires_grad}
@@ -119,7 +118,7 @@ def export_global(res: RunResult, out: Path) -> list[Path]:
         model.save_pretrained(out / "model")
         written.append(out / "model")
     else:
-        pm = peft_model_of(run.base, family, run.trainables.state, t.lora_r, t.lora_alpha, t.lora_dropout)
+        pm = peft_model_of(run.base, family, run.trainables.state, LoraSpec.of(t))
         base_ref = _base_reference(run.cfg.model.name)
         pm.peft_config["default"].base_model_name_or_path = base_ref or "../base"
         pm.save_pretrained(out / "adapter", save_embedding_layers=False)

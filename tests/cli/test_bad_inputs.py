@@ -27,6 +27,9 @@ CASES = [
     ("unknown-algorithm", [TINY, "--set", "algorithm=fedmo"], "did you mean `fedmoe`"),
     ("budgets-inverted", [TINY, "--set", "setting.budget_low=0.9", "--set", "setting.budget_high=0.1"], "budget_high"),
     ("unknown-engine", [TINY, "--engine", "flower"], "engine.name"),
+    ("moved-key-set", [TINY, "--set", "fedmoe.rounds=3"], "fedmoe.rounds moved to federation.rounds"),
+    ("moved-key-set-2", [TINY, "--set", "setting.clients_per_round=2"],
+     "setting.clients_per_round moved to federation.clients_per_round"),
 ]
 
 

@@ -33,7 +33,7 @@ def _fedmoe(*args: str) -> subprocess.CompletedProcess:
 def test_non_tty_run_prints_one_line_per_round_and_writes_logs(shared_data, tmp_path):
     out = tmp_path / "run"
     sets = [f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", "fedmoe.stage1_rounds=1",
-            "fedmoe.rounds=2", "train.max_local_steps=1", "engine.measure_memory=false"]
+            "federation.rounds=2", "train.max_local_steps=1", "engine.measure_memory=false"]
     has_tb, has_wandb = (importlib.util.find_spec(m) is not None for m in ("tensorboard", "wandb"))
     logs = ",".join(["csv"] + ["tensorboard"] * has_tb + ["wandb"] * has_wandb)
     p = _fedmoe("run", "configs/tiny.toml", "--out", str(out), "--log", logs,

@@ -18,8 +18,8 @@ import pytest
 from tests.conftest import REPO, SHARED_DATA
 
 TINY = str(REPO / "configs" / "tiny.toml")
-SMALL = ["data.max_examples_per_task=36", "setting.num_clients=6", "setting.clients_per_round=3",
-         "train.max_local_steps=1", "engine.measure_memory=false", "fedmoe.stage1_rounds=1", "fedmoe.rounds=0"]
+SMALL = ["data.max_examples_per_task=36", "setting.num_clients=6", "federation.clients_per_round=3",
+         "train.max_local_steps=1", "engine.measure_memory=false", "fedmoe.stage1_rounds=1", "federation.rounds=0"]
 
 
 def _sets(*items: str) -> list[str]:
@@ -296,7 +296,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(tmp_path, 
 
     monkeypatch.setattr(ck, "_fsync_write", full)
     out = tmp_path / "o"
-    sets = [*SMALL[:-1], "fedmoe.rounds=1", f'data.data_dir="{data_dir}"']
+    sets = [*SMALL[:-1], "federation.rounds=1", f'data.data_dir="{data_dir}"']
     code, _, err = invoke(capsys, ["run", TINY, *_sets(*sets), "--out", str(out)])
     assert code == 2 and err.startswith("error: No space left on device") and "--resume" in err, err
     assert len(err.strip().splitlines()) == 1
@@ -311,7 +311,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(tmp_path, 
 def test_injected_reply_faults_through_the_cli_are_rejected_and_the_run_finishes(tmp_path, capsys, data_dir):
     out = tmp_path / "o"
     sets = [*SMALL, f'data.data_dir="{data_dir}"', 'engine.inject_faults="0:0:bad_p,0:1:big_update"',
-            "engine.max_update_norm=100", "setting.clients_per_round=6"]
+            "engine.max_update_norm=100", "federation.clients_per_round=6"]
     code, _, err = invoke(capsys, ["run", TINY, *_sets(*sets), "--out", str(out)])
     assert code == 0, err
     clients = {c["client_id"]: c for c in json.loads((out / "rounds.jsonl").read_text().splitlines()[0])["clients"]}

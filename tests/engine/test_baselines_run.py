@@ -19,8 +19,8 @@ from tests.conftest import REPO, SHARED_DATA
 # TC only (classification: fast evaluation), 2 rounds × 2 local steps so that FedProx's term and
 # SCAFFOLD's variates act on weights that have moved.
 SMALL = [
-    'data.tasks=["tc"]', "data.max_examples_per_task=36", "setting.num_clients=6", "setting.clients_per_round=3",
-    "fedmoe.rounds=2", "train.batch_size=1", "train.max_local_steps=2", "engine.measure_memory=false",
+    'data.tasks=["tc"]', "data.max_examples_per_task=36", "setting.num_clients=6", "federation.clients_per_round=3",
+    "federation.rounds=2", "train.batch_size=1", "train.max_local_steps=2", "engine.measure_memory=false",
     "engine.checkpoint_every=0",
 ]
 
@@ -33,7 +33,7 @@ def _drive(cfg, out: Path) -> Run:
     """All rounds of a run, without the final evaluation."""
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, out)
-    for rnd in range(run.strategy.num_rounds(run)):
+    for rnd in range(run.strategy.num_rounds()):
         run.round(run.strategy.plan(run, rnd))
     return run
 
@@ -137,7 +137,7 @@ def test_model_too_large_fails_loudly_naming_client_bytes_and_budget(tmp_path):
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="real data not found")
 def test_exclude_unfit_skips_clients_and_records_them(tmp_path):
-    run = Run(_cfg("algorithm=scaffold", "baseline.num_experts=0", "fedmoe.exclude_unfit=true"), tmp_path)
+    run = Run(_cfg("algorithm=scaffold", "baseline.num_experts=0", "federation.exclude_unfit=true"), tmp_path)
     strat = run.strategy
     full = run.plan.table.full_bytes  # each client's price of the whole model
     assert strat.excluded and set(strat.excluded) == {c for c, b in run.plan.table.budgets.items() if b < full(c)}
@@ -158,7 +158,7 @@ def test_scaffold_resume_replays_exactly(tmp_path):
     if not SHARED_DATA.is_dir():
         pytest.skip("real data not found")
     ref = run_experiment(_cfg("algorithm=scaffold", "engine.checkpoint_every=1"), tmp_path / "ref")
-    run_experiment(_cfg("algorithm=scaffold", "engine.checkpoint_every=1", "fedmoe.rounds=1"), tmp_path / "cut")
+    run_experiment(_cfg("algorithm=scaffold", "engine.checkpoint_every=1", "federation.rounds=1"), tmp_path / "cut")
     resumed = run_experiment(_cfg("algorithm=scaffold", "engine.checkpoint_every=1"), tmp_path / "cut", resume=True)
     for s in (ref, resumed):
         s.pop("wall_time_s")
@@ -185,7 +185,7 @@ def test_cli_run_every_algorithm_on_every_preset(algorithm, preset, tmp_path, sh
     from fedmoe.cli import app
 
     sets = [f'data.data_dir="{shared_data}"', f"algorithm={algorithm}", f"setting.preset={preset}",
-            "data.max_examples_per_task=36", "setting.num_clients=6", "fedmoe.rounds=1", "fedmoe.stage1_rounds=1",
+            "data.max_examples_per_task=36", "setting.num_clients=6", "federation.rounds=1", "fedmoe.stage1_rounds=1",
             "train.max_local_steps=1", "engine.measure_memory=false"]
     out = tmp_path / "out"
     args = ["run", str(REPO / "configs" / "tiny.toml"), *[x for s in sets for x in ("--set", s)], "--out", str(out)]

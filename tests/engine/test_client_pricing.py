@@ -81,7 +81,7 @@ def test_a_run_prices_each_tc_client_at_its_own_tokens(shared_data, tmp_path):
     cfg = load_config(REPO / "configs" / "tiny.toml", [
         f'data.data_dir="{shared_data}"', 'model.name="minilm-moe-4e"', "data.max_seq_len=160",
         "data.max_examples_per_task=16", "setting.num_clients=3", "train.max_local_steps=1", "train.batch_size=4",
-        "engine.measure_memory=false", "fedmoe.stage1_rounds=1", "fedmoe.rounds=1"])
+        "engine.measure_memory=false", "fedmoe.stage1_rounds=1", "federation.rounds=1"])
     run = Run(cfg, tmp_path)
     by_task = {}
     for c in run.fed.clients:
@@ -96,7 +96,7 @@ def test_a_run_prices_each_tc_client_at_its_own_tokens(shared_data, tmp_path):
     assert run.plan.table.full_bytes(cid) == pytest.approx((dense + eb.sum()) * RUNTIME_SLACK, rel=1e-12)
     assert run.plan.table.full_bytes(cid) < run.plan.full_bytes
     seen = 0
-    for rnd in range(run.strategy.num_rounds(run)):
+    for rnd in range(run.strategy.num_rounds()):
         plan = run.strategy.plan(run, rnd)
         for c in run.round(plan).clients:
             assert c.predicted_memory_bytes == int(run.plan.submodel_bytes(plan.sets[c.client_id], client=c.client_id))

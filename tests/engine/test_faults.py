@@ -107,7 +107,7 @@ def test_empty_streak():
 def _cfg(shared_data, **extra):
     overrides = [
         f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", "setting.num_clients=6",
-        "setting.clients_per_round=6", "fedmoe.stage1_rounds=1", "fedmoe.rounds=2", "train.max_local_steps=1",
+        "federation.clients_per_round=6", "fedmoe.stage1_rounds=1", "federation.rounds=2", "train.max_local_steps=1",
         "engine.measure_memory=false", "engine.checkpoint_every=1",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(REPO / "configs" / "tiny.toml", overrides)
@@ -200,7 +200,7 @@ def test_reply_fields_and_update_norm_are_checked(shared_data, tmp_path, algorit
     kinds = ["bad_p", "bad_extra", "big_update"]
     faults = ",".join(f"1:{cid}:{kind}" for cid, kind in enumerate(kinds))
     cfg = _cfg(shared_data, **{"engine.inject_faults": f'"{faults}"', "engine.max_update_norm": 100,
-                               "algorithm": algorithm, "fedmoe.rounds": 1 if algorithm == "fedmoe" else 2})
+                               "algorithm": algorithm, "federation.rounds": 1 if algorithm == "fedmoe" else 2})
     summary = run_experiment(cfg, tmp_path)
     r1 = {c["client_id"]: c for c in _rounds(tmp_path)[1]["clients"]}
     reasons = {**FIELD_REASONS, "bad_extra": bad_extra}

@@ -24,7 +24,7 @@ FAMILIES = ["tiny-switch-transformers", "tiny-mixtral", "minilm-moe-4e"]
 def _run(shared_data, tmp_path, name: str, algorithm: str, eval_batch_size: int, target_len: int = 6) -> Run:
     cfg = load_config(REPO / "configs" / "tiny.toml", [
         f'data.data_dir="{shared_data}"', f'model.name="{name}"', "data.max_examples_per_task=36",
-        "setting.num_clients=3", "setting.clients_per_round=3", "engine.measure_memory=false",
+        "setting.num_clients=3", "federation.clients_per_round=3", "engine.measure_memory=false",
         f"algorithm={algorithm}", f"train.eval_batch_size={eval_batch_size}", f"data.max_target_len={target_len}",
         "data.max_seq_len=200",  # long enough that byte-tokenised items differ in length (padding)
     ])

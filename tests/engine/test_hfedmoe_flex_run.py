@@ -38,7 +38,7 @@ TASKS = {"tc", "rc", "ts"}
 def _cfg(algorithm: str, preset: str = "standard-hetero-t", *extra: str):
     return load_config(REPO / "configs" / "tiny.toml", [
         f'data.data_dir="{SHARED_DATA}"', "data.max_examples_per_task=36", "setting.num_clients=6",
-        "fedmoe.rounds=2", "train.max_local_steps=1", "engine.measure_memory=false", f"algorithm={algorithm}",
+        "federation.rounds=2", "train.max_local_steps=1", "engine.measure_memory=false", f"algorithm={algorithm}",
         f'setting.preset="{preset}"', *extra,
     ])
 
@@ -227,7 +227,7 @@ def test_resume_replays_exactly(tmp_path, shared_data, algorithm: str):
     FLEx's round-2 personal files are still on disk (as after a crash late in round 2); the replay
     must restore the round-1 ones."""
     ref = tmp_path / "ref"
-    cfg = _cfg(algorithm, "standard-hetero-t", "fedmoe.rounds=3")
+    cfg = _cfg(algorithm, "standard-hetero-t", "federation.rounds=3")
     a = run_experiment(cfg, ref)
     resumed = tmp_path / "resumed"
     shutil.copytree(ref, resumed)

@@ -24,8 +24,8 @@ from tests.conftest import REPO
 FAMILIES = ["tiny-switch-transformers", "tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe",
             "tiny-deepseek-v3", "tiny-bert-moe"]
 ALGORITHMS = ["fedmoe", "random_moe", "fedavg", "fedprox", "scaffold", "hfedmoe", "flex"]
-SMALL = ["data.max_examples_per_task=24", "setting.num_clients=3", "setting.clients_per_round=3",
-         "fedmoe.stage1_rounds=1", "fedmoe.rounds=1", "train.max_local_steps=1", "data.max_seq_len=48",
+SMALL = ["data.max_examples_per_task=24", "setting.num_clients=3", "federation.clients_per_round=3",
+         "fedmoe.stage1_rounds=1", "federation.rounds=1", "train.max_local_steps=1", "data.max_seq_len=48",
          "engine.measure_memory=false"]
 
 
@@ -80,7 +80,7 @@ def _run_cell(name: str, algorithm: str, tmp_path: Path, shared_data: Path) -> N
     out = tmp_path / "run"
     sets = [f'model.name="{_model_arg(name, tmp_path)}"', f'algorithm="{algorithm}"',
             f'data.data_dir="{shared_data}"', *SMALL]
-    # only FedMoE has a stage 1 (the others train for fedmoe.rounds rounds)
+    # only FedMoE has a stage 1 (the others train for federation.rounds rounds)
     check_run(out, fedmoe_run(REPO / "configs" / "tiny.toml", out, sets), rounds=2 if algorithm == "fedmoe" else 1)
 
 
@@ -99,7 +99,7 @@ def test_issue_command_switch(tmp_path, shared_data):
     """The issue's own command (tiny.toml as shipped, Switch, 1 + 1 rounds) completes."""
     out = tmp_path / "switch"
     summary = fedmoe_run(REPO / "configs" / "tiny.toml", out, [
-        "model.name=tiny-switch-transformers", "fedmoe.rounds=1", "fedmoe.stage1_rounds=1",
+        "model.name=tiny-switch-transformers", "federation.rounds=1", "fedmoe.stage1_rounds=1",
         f'data.data_dir="{shared_data}"'])
     stages = [json.loads(line)["stage"] for line in (out / "rounds.jsonl").read_text().splitlines()]
     # stage 1 runs until every memory-rich client has reported p (at least stage1_rounds), then 1 stage-2 round
@@ -124,6 +124,6 @@ def test_gpu_preset_shrunk_to_cpu(tmp_path, shared_data):
     summary = fedmoe_run(REPO / "benchmarks" / "paper" / "gpu.toml", out, [
         'model.name="smollm2-moe-4e"', 'engine.device="cpu"', f'data.data_dir="{shared_data}"',
         "data.max_examples_per_task=20", "data.max_seq_len=96", "data.max_target_len=8", "setting.num_clients=3",
-        "setting.clients_per_round=3", "fedmoe.stage1_rounds=1", "fedmoe.rounds=1", "train.max_local_steps=1",
+        "federation.clients_per_round=3", "fedmoe.stage1_rounds=1", "federation.rounds=1", "train.max_local_steps=1",
         "train.batch_size=2", "train.eval_batch_size=4", "engine.checkpoint_every=1"])
     check_run(out, summary)

@@ -24,8 +24,8 @@ from tests.conftest import REPO
 def test_measured_peaks_within_budget_and_prediction(shared_data, tmp_path):
     cfg = load_config(REPO / "configs" / "quickstart.toml", [
         f'data.data_dir="{shared_data}"', 'model.name="minilm-moe-4e"', "data.max_examples_per_task=96",
-        "setting.num_clients=3", 'setting.preset="standard-hetero-t"', "setting.clients_per_round=3",
-        "fedmoe.stage1_rounds=1", "fedmoe.rounds=1", "train.max_local_steps=3", "train.eval_batch_size=8",
+        "setting.num_clients=3", 'setting.preset="standard-hetero-t"', "federation.clients_per_round=3",
+        "fedmoe.stage1_rounds=1", "federation.rounds=1", "train.max_local_steps=3", "train.eval_batch_size=8",
         "engine.measure_memory=true",
     ])
     summary = run_experiment(cfg, tmp_path)

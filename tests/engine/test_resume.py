@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from tests.conftest import REPO
 
 ARGS = [
-    "data.max_examples_per_task=36", "setting.num_clients=6", "setting.clients_per_round=3",
-    "fedmoe.stage1_rounds=2", "fedmoe.rounds=3", "train.max_local_steps=1", "engine.measure_memory=false",
+    "data.max_examples_per_task=36", "setting.num_clients=6", "federation.clients_per_round=3",
+    "fedmoe.stage1_rounds=2", "federation.rounds=3", "train.max_local_steps=1", "engine.measure_memory=false",
 ]
 
 
@@ -67,7 +67,7 @@ def test_corrupt_checkpoint_is_rejected(tmp_path, shared_data):
     from fedmoe.engine.run import run_experiment
 
     cfg = load_config(REPO / "configs" / "tiny.toml", ARGS[:-3] + [
-        "fedmoe.stage1_rounds=1", "fedmoe.rounds=0", "train.max_local_steps=1", "engine.measure_memory=false",
+        "fedmoe.stage1_rounds=1", "federation.rounds=0", "train.max_local_steps=1", "engine.measure_memory=false",
         f'data.data_dir="{shared_data}"'])
     run_experiment(cfg, tmp_path / "r")
     ckpt = latest_checkpoint(tmp_path / "r")
@@ -111,13 +111,13 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path, shar
     from fedmoe.engine.checkpoint import CheckpointError
     from fedmoe.engine.run import run_experiment
 
-    sets = ARGS[:-3] + ["fedmoe.stage1_rounds=1", "fedmoe.rounds=0", "train.max_local_steps=1",
+    sets = ARGS[:-3] + ["fedmoe.stage1_rounds=1", "federation.rounds=0", "train.max_local_steps=1",
                         "engine.measure_memory=false", f'data.data_dir="{shared_data}"']
     first = run_experiment(load_config(REPO / "configs" / "tiny.toml", sets), tmp_path / "r")
     changed = load_config(REPO / "configs" / "tiny.toml", [*sets, "setting.num_clients=8", "train.lr=0.5"])
     with pytest.raises(CheckpointError, match=r"setting.num_clients: 6 → 8; train.lr: 0.001 → 0.5"):
         run_experiment(changed, tmp_path / "r", resume=True)
-    more = load_config(REPO / "configs" / "tiny.toml", [*sets, "fedmoe.rounds=1"])  # allowed: more rounds
+    more = load_config(REPO / "configs" / "tiny.toml", [*sets, "federation.rounds=1"])  # allowed: more rounds
     summary = run_experiment(more, tmp_path / "r", resume=True)
     assert summary["rounds"] == first["rounds"] + 1
     with pytest.raises(CheckpointError, match="no checkpoint"):

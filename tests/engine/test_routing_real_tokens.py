@@ -18,7 +18,7 @@ from tests.conftest import REPO
 def _replies(shared_data, tmp_path, name: str, eval_batch_size: int) -> dict[int, np.ndarray]:
     cfg = load_config(REPO / "configs" / "tiny.toml", [
         f'data.data_dir="{shared_data}"', f'model.name="{name}"', "data.max_examples_per_task=36",
-        "setting.num_clients=3", "setting.clients_per_round=3", "train.max_local_steps=1",
+        "setting.num_clients=3", "federation.clients_per_round=3", "train.max_local_steps=1",
         "engine.measure_memory=false", f"train.eval_batch_size={eval_batch_size}", "data.max_target_len=6",
         "data.max_seq_len=200",  # long enough that byte-tokenised items differ in length (padding)
     ])

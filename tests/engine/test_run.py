@@ -14,7 +14,7 @@ from tests.conftest import REPO
 def _cfg(shared_data, **extra):
     overrides = [
         f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", "setting.num_clients=6",
-        "setting.clients_per_round=3", "fedmoe.stage1_rounds=2", "fedmoe.rounds=2", "train.max_local_steps=1",
+        "federation.clients_per_round=3", "fedmoe.stage1_rounds=2", "federation.rounds=2", "train.max_local_steps=1",
         "engine.measure_memory=false",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(REPO / "configs" / "tiny.toml", overrides)

@@ -77,7 +77,7 @@ def test_template_cache_changes_no_result(tmp_path, monkeypatch):
 
     if not SHARED_DATA.is_dir():
         pytest.skip("real data not found")
-    cfg = _cfg(SHARED_DATA, **{"engine.checkpoint_every": 0, "fedmoe.stage1_rounds": 1, "fedmoe.rounds": 2})
+    cfg = _cfg(SHARED_DATA, **{"engine.checkpoint_every": 0, "fedmoe.stage1_rounds": 1, "federation.rounds": 2})
     run_experiment(cfg, tmp_path / "cached")
     monkeypatch.setattr(templates, "CAPACITY", 0)  # a fresh template every turn, as before
     run_experiment(cfg, tmp_path / "fresh")

@@ -18,7 +18,7 @@ from tests.conftest import REPO
 def _cfg(shared_data, **extra):
     overrides = [
         f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", "setting.num_clients=6",
-        "train.max_local_steps=1", "engine.measure_memory=false", "fedmoe.rounds=1",
+        "train.max_local_steps=1", "engine.measure_memory=false", "federation.rounds=1",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(REPO / "configs" / "tiny.toml", overrides)
 
@@ -29,7 +29,7 @@ def _rounds(out):
 
 @pytest.mark.parametrize("preset", ["standard-hetero-t", "enforced-hetero-t"])
 def test_every_memory_rich_client_reports_p_in_stage1(shared_data, tmp_path, preset):
-    cfg = _cfg(shared_data, **{"setting.preset": f'"{preset}"', "setting.clients_per_round": 3,
+    cfg = _cfg(shared_data, **{"setting.preset": f'"{preset}"', "federation.clients_per_round": 3,
                                "setting.budget_low": 0.7, "setting.budget_high": 1.6, "fedmoe.stage1_rounds": 1})
     plan = Run(cfg, tmp_path / "plan").plan  # the oracle: budgets that hold the full MoE at the client's own price
     rich = sorted(c for c, b in plan.table.budgets.items() if b >= plan.table.full_bytes(c))
@@ -41,12 +41,12 @@ def test_every_memory_rich_client_reports_p_in_stage1(shared_data, tmp_path, pre
     reported = sorted({c["client_id"] for r in stage1 for c in r["clients"] if not c["error"]})
     assert reported == rich
     assert all(len(r["sampled"]) == 3 for r in stage1)
-    assert [r["stage"] for r in rounds] == [1] * len(stage1) + [2]  # stage 2 keeps its fedmoe.rounds
+    assert [r["stage"] for r in rounds] == [1] * len(stage1) + [2]  # stage 2 keeps its federation.rounds
 
 
 def test_stage1_without_a_reply_stops_cleanly_and_resumes(shared_data, tmp_path):
     faults = ",".join(f"0:{c}" for c in range(6))
-    base = {"setting.clients_per_round": 6, "fedmoe.stage1_rounds": 1, "fedmoe.rounds": 2,
+    base = {"federation.clients_per_round": 6, "fedmoe.stage1_rounds": 1, "federation.rounds": 2,
             "engine.checkpoint_every": 1}
     cfg = _cfg(shared_data, **base, **{"engine.inject_faults": f'"{faults}"', "engine.max_empty_rounds": 1})
     with pytest.raises(RunStopped, match="no client reply survived") as err:
@@ -67,7 +67,7 @@ def test_stage1_without_a_reply_never_reaches_stage2(shared_data, tmp_path):
     faults = ",".join(f"{r}:{c}" for r in range(3) for c in range(6))
     args = [str(REPO / "configs" / "tiny.toml"), "--out", str(tmp_path / "out")]
     for k, v in {"data.data_dir": f'"{shared_data}"', "data.max_examples_per_task": 36, "setting.num_clients": 6,
-                 "setting.clients_per_round": 6, "fedmoe.stage1_rounds": 1, "fedmoe.rounds": 2,
+                 "federation.clients_per_round": 6, "fedmoe.stage1_rounds": 1, "federation.rounds": 2,
                  "train.max_local_steps": 1, "engine.measure_memory": "false", "engine.max_empty_rounds": 0,
                  "engine.inject_faults": f'"{faults}"'}.items():
         args += ["--set", f"{k}={v}"]

@@ -38,7 +38,7 @@ def test_bf16_wire_halves_round_bytes_through_the_engine(tmp_path):
     got = {}
     for wire in ("fp32", "bf16"):
         out = tmp_path / wire
-        run_experiment(_cfg(SHARED_DATA, **{"algorithm": '"fedavg"', "fedmoe.stage1_rounds": 0, "fedmoe.rounds": 1,
+        run_experiment(_cfg(SHARED_DATA, **{"algorithm": '"fedavg"', "fedmoe.stage1_rounds": 0, "federation.rounds": 1,
                                             "engine.checkpoint_every": 0, "engine.wire_dtype": f'"{wire}"'}), out)
         got[wire] = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     for key in ("bytes_down", "bytes_up"):

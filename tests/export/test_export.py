@@ -24,7 +24,7 @@ def run_dir(tmp_path_factory):
         pytest.skip("real data not found")
     out = tmp_path_factory.mktemp("exp") / "run"
     sets = [f'data.data_dir="{SHARED_DATA}"', "data.max_examples_per_task=36", "fedmoe.stage1_rounds=1",
-            "fedmoe.rounds=1", "train.max_local_steps=2", "engine.measure_memory=false", "train.lr=0.02"]
+            "federation.rounds=1", "train.max_local_steps=2", "engine.measure_memory=false", "train.lr=0.02"]
     res = CliRunner().invoke(app, ["run", str(REPO / "configs" / "tiny.toml"), "--out", str(out),
                                    *[a for s in sets for a in ("--set", s)]])
     assert res.exit_code == 0, res.output

@@ -29,8 +29,8 @@ PARTITIONS = 2
 #: TC only (fast evaluation); 4 clients, 3 per round: some client takes part in both rounds;
 #: batch 1 × 2 steps, so FedProx's term and SCAFFOLD's variates act on weights that moved
 SMALL = [
-    'data.tasks=["tc"]', "data.max_examples_per_task=24", "setting.num_clients=4", "setting.clients_per_round=3",
-    "fedmoe.rounds=2", "train.batch_size=1", "train.max_local_steps=2", "engine.measure_memory=false",
+    'data.tasks=["tc"]', "data.max_examples_per_task=24", "setting.num_clients=4", "federation.clients_per_round=3",
+    "federation.rounds=2", "train.batch_size=1", "train.max_local_steps=2", "engine.measure_memory=false",
     "engine.checkpoint_every=0",
 ]
 
@@ -46,7 +46,7 @@ def inprocess(settings: AppSettings, out: Path) -> Run:
     out.mkdir(parents=True)
     (out / "rounds.jsonl").write_text("")
     run = Run(settings.experiment_config(), out)
-    for rnd in range(run.strategy.num_rounds(run)):
+    for rnd in range(run.strategy.num_rounds()):
         run.round(run.strategy.plan(run, rnd))
     write_outputs(run, time.perf_counter())
     return run

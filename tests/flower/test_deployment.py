@@ -29,7 +29,7 @@ FLAT = {"fedmoe.stage1-rounds": 2, "train.max-local-steps": 1}
 
 def overrides(shared_data: Path, flat: bool = False) -> str:
     return "; ".join([
-        f"data.data_dir={shared_data}", "data.max_examples_per_task=36", "fedmoe.rounds=2",
+        f"data.data_dir={shared_data}", "data.max_examples_per_task=36", "federation.rounds=2",
         "engine.measure_memory=false", "engine.checkpoint_every=0",
         *([] if flat else ["fedmoe.stage1_rounds=2", "train.max_local_steps=1"]),
     ])

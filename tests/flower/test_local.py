@@ -29,7 +29,7 @@ def run_config(shared_data: Path, **extra: str) -> dict[str, str | float]:
         f"data.data_dir={shared_data}", "data.max_examples_per_task=36", "setting.num_clients=6",
         "fedmoe.stage1_rounds=1", "train.max_local_steps=1", "engine.measure_memory=false", "engine.checkpoint_every=0",
     ]
-    flat = {"setting.clients-per-round": 2, "fedmoe.rounds": 2, "seed": ""}  # FlowerTune-style keys ("" = the file's)
+    flat = {"federation.clients-per-round": 2, "federation.rounds": 2, "seed": ""}  # FlowerTune-style keys ("" = the file's)
     return {K.RUN_EXPERIMENT: str(REPO / "configs" / "tiny.toml"), K.RUN_OVERRIDES: "; ".join(overrides),
             K.RUN_ROUND_TIMEOUT: 60.0, K.RUN_DISCOVERY_TIMEOUT: 5.0, **flat, **extra}
 
@@ -62,7 +62,7 @@ def test_local_grid_matches_inprocess(clean):
     assert maps[0] == maps[1]
     ra, rb = rounds_of(clean["inprocess"]), rounds_of(clean["flower"])
     assert [r["sampled"] for r in ra] == [r["sampled"] for r in rb]
-    assert len(rb[-1]["sampled"]) == 2  # the flat run-config key setting.clients-per-round reached the run
+    assert len(rb[-1]["sampled"]) == 2  # the flat run-config key federation.clients-per-round reached the run
     for x, y in zip(ra, rb, strict=True):
         for ca, cb in zip(x["clients"], y["clients"], strict=True):
             assert (ca["loss"], ca["score"], ca["steps"]) == (cb["loss"], cb["score"], cb["steps"])
@@ -217,8 +217,8 @@ def test_auto_checkpointing_reaches_the_nodes(tmp_path, monkeypatch, shared_data
     trained_with: list[bool] = []
     original = ckpt_mod.enable_gradient_checkpointing
     monkeypatch.setattr(ckpt_mod, "enable_gradient_checkpointing", lambda m: (trained_with.append(True), original(m))[1])
-    rc = run_config(shared_data, **{"train.gradient-checkpointing": "auto", "fedmoe.rounds": 1,
-                                    "setting.clients-per-round": 3})
+    rc = run_config(shared_data, **{"train.gradient-checkpointing": "auto", "federation.rounds": 1,
+                                    "federation.clients-per-round": 3})
     settings = AppSettings.from_run_config(rc)
     assert settings.experiment_config().train.gradient_checkpointing == "auto"
     run_experiment(settings.experiment_config(), tmp_path / "inprocess")

@@ -53,7 +53,7 @@ def test_loopback_node_refuses_a_path_outside_its_roots(tmp_path_factory):
     allowed = root / "allowed"
     allowed.mkdir()
     sets = "; ".join([f"data.data_dir={SHARED_DATA}", "data.max_examples_per_task=36", "fedmoe.stage1_rounds=1",
-                      "fedmoe.rounds=0", "train.max_local_steps=1", "engine.measure_memory=false",
+                      "federation.rounds=0", "train.max_local_steps=1", "engine.measure_memory=false",
                       "engine.checkpoint_every=0", "engine.max_empty_rounds=0"])
     with LocalFederation(root, num_nodes=2, node_config=f'{K.NODE_ALLOWED_ROOTS}="{allowed}"') as fed:
         out, log = fed.flwr_run({K.RUN_OVERRIDES: sets}, "outside", timeout=900)

@@ -107,10 +107,10 @@ def test_overrides_faults_and_settings_defaults():
             parse_faults(bad)
     s = AppSettings.from_run_config({})
     assert s.experiment == "configs/tiny.toml" and s.overrides == () and s.faults == {}
-    s = AppSettings.from_run_config({K.RUN_OVERRIDES: "fedmoe.rounds=3", K.RUN_INJECT_FAULT: "1:2",
+    s = AppSettings.from_run_config({K.RUN_OVERRIDES: "federation.rounds=3", K.RUN_INJECT_FAULT: "1:2",
                                      K.RUN_EXPERIMENT: str(REPO / "configs" / "tiny.toml")})
     cfg = s.experiment_config(data_dir="/data/here")
-    assert cfg.fedmoe.rounds == 3 and cfg.data.data_dir == "/data/here" and s.faults == {(1, 2): "raise"}
+    assert cfg.federation.rounds == 3 and cfg.data.data_dir == "/data/here" and s.faults == {(1, 2): "raise"}
 
 
 def test_resolve_path(tmp_path, monkeypatch):
@@ -137,9 +137,9 @@ def test_node_identity_and_partitions():
 
 
 def test_config_text_roundtrip_and_fingerprint():
-    cfg = load_config(REPO / "configs" / "tiny.toml", ["fedmoe.rounds=2"])
+    cfg = load_config(REPO / "configs" / "tiny.toml", ["federation.rounds=2"])
     assert config_from_text(dump_toml(cfg)) == cfg
-    other = load_config(REPO / "configs" / "tiny.toml", ["fedmoe.rounds=2", 'data.data_dir="/elsewhere"'])
+    other = load_config(REPO / "configs" / "tiny.toml", ["federation.rounds=2", 'data.data_dir="/elsewhere"'])
     assert config_fingerprint(other) == config_fingerprint(cfg)  # data_dir is node-local
     assert config_fingerprint(other, ignore=()) != config_fingerprint(cfg, ignore=())
     assert config_fingerprint(ExperimentConfig()) != config_fingerprint(cfg)
@@ -162,12 +162,12 @@ def test_flat_run_config_keys_set_the_experiment():
     assert AppSettings.from_run_config({**defaults, K.RUN_EXPERIMENT: exp}).experiment_config() == file_cfg
     rc = {**defaults, K.RUN_EXPERIMENT: exp, "model.name": "tiny-qwen2-moe", "train.lr": 0.005,
           "setting.num-clients": 9, "train.gradient-checkpointing": "auto", "engine.measure_memory": False,
-          "data.hub-split.tc": "train", "fedmoe.rounds": 4, K.RUN_OVERRIDES: "fedmoe.rounds=7"}
+          "data.hub-split.tc": "train", "federation.rounds": 4, K.RUN_OVERRIDES: "federation.rounds=7"}
     cfg = AppSettings.from_run_config(rc).experiment_config()
     assert (cfg.model.name, cfg.train.lr, cfg.setting.num_clients, cfg.train.gradient_checkpointing) == \
         ("tiny-qwen2-moe", 0.005, 9, "auto")
     assert cfg.engine.measure_memory is False and cfg.data.hub_split == {"tc": "train"}
-    assert cfg.fedmoe.rounds == 7  # `overrides` wins over a flat key
+    assert cfg.federation.rounds == 7  # `overrides` wins over a flat key
     assert cfg.seed == file_cfg.seed and cfg.setting.preset == file_cfg.setting.preset  # "" keeps the file's
     with pytest.raises(ConfigError, match=r"Unknown config key `train.lr_max`.*train.lr"):
         AppSettings.from_run_config({K.RUN_EXPERIMENT: exp, "train.lr-max": 0.1}).experiment_config()

@@ -19,8 +19,8 @@ from tests.flower.test_local import PARTITIONS, rounds_of, run_config
 ])
 def test_flower_rejects_bad_reply_fields(tmp_path, shared_data, algorithm, bad_extra):
     rc = run_config(shared_data)
-    rc[K.RUN_OVERRIDES] += (f"; algorithm={algorithm}; setting.clients_per_round=6; engine.max_update_norm=100"
-                            + ("; fedmoe.rounds=1" if algorithm == "fedmoe" else ""))
+    rc[K.RUN_OVERRIDES] += (f"; algorithm={algorithm}; federation.clients_per_round=6; engine.max_update_norm=100"
+                            + ("; federation.rounds=1" if algorithm == "fedmoe" else ""))
     kinds = {0: "bad_p", 1: "bad_extra", 2: "big_update"}
     rc[K.RUN_INJECT_FAULT] = ",".join(f"1:{cid}:{kind}" for cid, kind in kinds.items())
     run_federated(LocalGrid(client_app, node_configs(PARTITIONS), rc), AppSettings.from_run_config(rc), tmp_path)

@@ -79,7 +79,7 @@ def test_fedmoe_run_with_gradient_checkpointing_trains_as_without(shared_data, t
         # runs (with tight budgets the cheaper plan changes which experts are kept, as it should);
         # 2 local steps: the load-balance hook must ignore the layers recomputed in backward
         sets = [f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", 'algorithm="fedavg"',
-                "fedmoe.rounds=2", "setting.budget_low=2.0", "setting.budget_high=3.0", "train.max_local_steps=2", "engine.measure_memory=false",
+                "federation.rounds=2", "setting.budget_low=2.0", "setting.budget_high=3.0", "train.max_local_steps=2", "engine.measure_memory=false",
                 f"train.gradient_checkpointing={ck}"]
         res = CliRunner().invoke(app, ["run", str(REPO / "configs" / "tiny.toml"), "--out", str(out),
                                        *[a for s in sets for a in ("--set", s)]])
@@ -100,7 +100,7 @@ def test_auto_checkpointing_goes_to_clients_it_buys_experts(shared_data, tmp_pat
     runs = {}
     for ck in ("false", "auto"):
         out = tmp_path / ck
-        sets = [f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", "fedmoe.rounds=1",
+        sets = [f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", "federation.rounds=1",
                 "engine.measure_memory=false", f"train.gradient_checkpointing={ck}"]
         res = CliRunner().invoke(app, ["run", str(REPO / "configs" / "tiny.toml"), "--out", str(out),
                                        *[a for s in sets for a in ("--set", s)]])
@@ -135,7 +135,7 @@ def test_hfedmoe_auto_checkpointing_raises_c_k(shared_data, tmp_path):
     for ck in ("false", "auto"):
         out = tmp_path / ck
         sets = [f'data.data_dir="{shared_data}"', "data.max_examples_per_task=36", 'algorithm="hfedmoe"',
-                "fedmoe.rounds=1", "engine.measure_memory=false", f"train.gradient_checkpointing={ck}"]
+                "federation.rounds=1", "engine.measure_memory=false", f"train.gradient_checkpointing={ck}"]
         res = CliRunner().invoke(app, ["run", str(REPO / "configs" / "tiny.toml"), "--out", str(out),
                                        *[a for s in sets for a in ("--set", s)]])
         assert res.exit_code == 0, res.output

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from fedmoe.algorithms import AlgorithmSpec
 from fedmoe.core.aggregation import weighted_mean
+
+#: this algorithm's registry entry (read by :func:`fedmoe.algorithms.discover`)
+SPEC = AlgorithmSpec("fedavg", "FedAvg on a global MoE every client can hold",
+                     "fedmoe.engine.strategies.baselines:FedAvgStrategy", "fedmoe.algorithms.fedavg", "§2.1")
 
 ClientId = int
 

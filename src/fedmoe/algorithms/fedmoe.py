@@ -21,9 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from fedmoe.algorithms import AlgorithmSpec
 from fedmoe.core.recommend import cosine_top_k, estimate_p_hat, recommend
 from fedmoe.core.search import ExpertSets, expert_count, random_expert_sets, theta_search
 from fedmoe.errors import BudgetError
+
+#: this algorithm's registry entry (read by :func:`fedmoe.algorithms.discover`)
+SPEC = AlgorithmSpec("fedmoe", "FedMoE: stage-1 submodel search, modular aggregation, expert recommendation",
+                     "fedmoe.engine.strategies.fedmoe:FedMoEStrategy", "fedmoe.algorithms.fedmoe", "§1")
 
 ClientId = int
 

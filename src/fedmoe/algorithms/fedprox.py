@@ -25,7 +25,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from fedmoe.algorithms import AlgorithmSpec
 from fedmoe.algorithms.fedavg import ClientWeights, FedAvgServerState, aggregate, average
+
+#: this algorithm's registry entry (read by :func:`fedmoe.algorithms.discover`)
+SPEC = AlgorithmSpec("fedprox", "FedProx: FedAvg + proximal term in the local loss",
+                     "fedmoe.engine.strategies.baselines:FedProxStrategy", "fedmoe.algorithms.fedprox", "§2.2", ("fedprox",))
 
 DEFAULT_MU = 0.01
 

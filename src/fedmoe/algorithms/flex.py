@@ -22,9 +22,14 @@ from typing import Any
 
 from torch import Tensor
 
+from fedmoe.algorithms import AlgorithmSpec
 from fedmoe.core.aggregation import ClientUpdate, modular_aggregate
 from fedmoe.core.layout import UnitLayout
 from fedmoe.core.personal import SIDE_MARKERS, is_personal
+
+#: this algorithm's registry entry (read by :func:`fedmoe.algorithms.discover`)
+SPEC = AlgorithmSpec("flex", "FLEx: one personalised grafted side expert per client and layer",
+                     "fedmoe.engine.strategies.flex:FlexStrategy", "fedmoe.algorithms.flex", "§4", ("flex-choice",))
 
 ClientId = int
 

@@ -28,11 +28,16 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from fedmoe.algorithms import AlgorithmSpec
 from fedmoe.core.aggregation import ClientUpdate, modular_aggregate, weighted_mean
 from fedmoe.core.layout import UnitId, UnitLayout
 from fedmoe.core.router_stats import DEFAULT_BETA, DEFAULT_LAMBDA, RouterStats  # noqa: F401 — RouterStats lives in core
 from fedmoe.core.router_stats import as_probs as _probs
 from fedmoe.errors import BudgetError
+
+#: this algorithm's registry entry (read by :func:`fedmoe.algorithms.discover`)
+SPEC = AlgorithmSpec("hfedmoe", "HFedMoE: budget-aware expert selection, sparsity-aware aggregation",
+                     "fedmoe.engine.strategies.hfedmoe:HFedMoEStrategy", "fedmoe.algorithms.hfedmoe", "§3")
 
 ClientId = int
 

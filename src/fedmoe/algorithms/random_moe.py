@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedmoe.algorithms import AlgorithmSpec
 from fedmoe.algorithms.fedmoe import FedMoEServerState, MemoryTable, after_round, initial_expert_sets
 from fedmoe.core.search import random_expert_sets
+
+#: this algorithm's registry entry (read by :func:`fedmoe.algorithms.discover`)
+SPEC = AlgorithmSpec("random_moe", "randomMoE: random expert sets under the same budget, no recommendation",
+                     "fedmoe.engine.strategies.fedmoe:FedMoEStrategy", "fedmoe.algorithms.random_moe", "§2.4")
 
 __all__ = ["FedMoEServerState", "MemoryTable", "after_round", "initial_sets", "random_expert_sets"]
 

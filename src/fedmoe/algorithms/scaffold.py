@@ -37,7 +37,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fedmoe.algorithms import AlgorithmSpec
 from fedmoe.core.aggregation import normalised_weights
+
+#: this algorithm's registry entry (read by :func:`fedmoe.algorithms.discover`)
+SPEC = AlgorithmSpec("scaffold", "SCAFFOLD: control variates correct the local gradients",
+                     "fedmoe.engine.strategies.baselines:ScaffoldStrategy", "fedmoe.algorithms.scaffold", "§2.3", ("scaffold",))
 
 ClientId = int
 

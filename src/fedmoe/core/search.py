@@ -66,7 +66,7 @@ def _budget_error(client_id: int | None, what: str, cap: float, budget: float, a
     return BudgetError(
         f"{who} cannot hold its submodel: {what} > α·M = {alpha}·{budget:.0f} = {cap:.0f} bytes.",
         "give the client a larger memory budget, raise fedmoe.alpha, use a smaller model, "
-        "or set fedmoe.exclude_unfit=true to leave such clients out.",
+        "or set federation.exclude_unfit=true to leave such clients out.",
     )
 
 

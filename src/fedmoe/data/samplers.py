@@ -34,7 +34,7 @@ class UniformSampler:
     def __post_init__(self) -> None:
         if not 1 <= self.per_round <= len(self.client_ids):
             raise ConfigError(
-                f"setting.clients_per_round={self.per_round} must be in 1..{len(self.client_ids)} (num_clients).",
+                f"federation.clients_per_round={self.per_round} must be in 1..{len(self.client_ids)} (num_clients).",
                 "lower clients_per_round or raise setting.num_clients.",
             )
 

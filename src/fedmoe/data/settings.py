@@ -212,6 +212,6 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
             )
     ordered = [clients[c] for c in range(st.num_clients)]
     sampler = make_sampler(
-        sampler_kind, [(c.client_id, c.task) for c in ordered], st.clients_per_round, cfg.seed
+        sampler_kind, [(c.client_id, c.task) for c in ordered], cfg.federation.clients_per_round, cfg.seed
     )
     return Federation(st.preset, sampler_kind, partition, cfg.seed, ordered, tasks, sampler, group_names)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmoe.config import config_to_dict
+from fedmoe.config_keys import migrate_flat
 from fedmoe.engine.payload import load_tensors_file, save_tensors_file
 from fedmoe.engine.safe_state import StateFormatError, decode, encode
 from fedmoe.errors import FedMoEError
@@ -38,7 +39,7 @@ CKPT_DIR = "checkpoints"
 LATEST = "LATEST"
 FORMAT = 2
 #: config keys a resumed run may change (recorded in the manifest of its next checkpoints)
-RESUME_MUTABLE = ("fedmoe.rounds", "engine.checkpoint_every", "engine.max_empty_rounds", "engine.client_timeout_s",
+RESUME_MUTABLE = ("federation.rounds", "engine.checkpoint_every", "engine.max_empty_rounds", "engine.client_timeout_s",
                   "engine.device", "engine.inject_faults")
 
 
@@ -155,7 +156,8 @@ def load_checkpoint(run: Run, d: Path) -> int:
 
 def _check_config(cfg: Any, manifest: dict[str, Any], d: Path) -> None:
     new = _flat(config_to_dict(cfg))
-    changed = [c for c in config_changes(manifest.get("config", {}), new) if c.split(":")[0] not in RESUME_MUTABLE]
+    old = migrate_flat(manifest.get("config", {}))  # checkpoints written before a key moved
+    changed = [c for c in config_changes(old, new) if c.split(":")[0] not in RESUME_MUTABLE]
     if changed:
         raise CheckpointError(f"The config differs from the one checkpoint {d} was written with: {'; '.join(changed)}.",
                               "undo those changes in config.toml / --set (only "

@@ -32,6 +32,7 @@ from fedmoe.engine.strategies import STRATEGIES  # noqa: F401 — importing the 
 from fedmoe.engine.trainables import Trainables
 from fedmoe.errors import ConfigError
 from fedmoe.moe.families import MoEFamily
+from fedmoe.moe.lora import LoraSpec
 from fedmoe.moe.models import load_model
 from fedmoe.moe.slicing import extract
 from fedmoe.train.batching import model_kind
@@ -65,7 +66,7 @@ def build_node_state(cfg: ExperimentConfig) -> NodeState:
     fed = build_federation(cfg)
     ctx = ClientContext(cfg, family, model_kind(family.name), tokenizer, pick_device(cfg.engine.device), fed.tasks)
     t = cfg.train
-    trainables = Trainables(family, t.finetune, t.lora_r, t.lora_alpha, t.lora_dropout, {}, UnitLayout())
+    trainables = Trainables(family, t.finetune, LoraSpec.of(t), {}, UnitLayout())
     return NodeState(cfg, base, family, ctx, {c.client_id: c for c in fed.clients}, trainables,
                      model_fingerprint(base))
 

@@ -6,9 +6,10 @@ the strategies, :mod:`fedmoe.engine.client`, :mod:`fedmoe.engine.node_plans` and
 (tests/test_architecture.py checks that the import graph has no cycle).
 
 * :class:`ClientContext` — what every client turn needs besides its data (both engines).
-* :class:`RunView` — the part of :class:`fedmoe.engine.run.Run` that strategies and checkpoints
-  read and write; ``Run`` satisfies it structurally. Strategies annotate ``run: Run`` with
-  ``RunView`` imported under that name.
+* :class:`RunView` — the part of :class:`fedmoe.engine.run.Run` that strategies read in their
+  per-round verbs (they never assign into it: setup and aggregation return new state, see
+  :mod:`fedmoe.engine.strategies.base`) and checkpoints read and restore; ``Run`` satisfies it
+  structurally. Strategies annotate ``run: Run`` with ``RunView`` imported under that name.
 """
 
 from __future__ import annotations
@@ -61,7 +62,5 @@ class RunView(Protocol):
     rounds: list[RoundRecord]
     latest_p: dict[int, np.ndarray]
     p_snapshots: dict[str, dict[str, list]]
-
-    def use_model(self, model: Any, plan: MemoryPlan | None = None) -> None: ...
 
     def _base_bytes(self, cid: int, kept: list[list[int]]) -> int: ...

@@ -53,7 +53,7 @@ EVAL_ROUND = -1
 
 def round_plans(run: Run) -> Iterator[RoundPlan]:
     """The strategy's plans, one round at a time (each drawn after the previous round closed)."""
-    for rnd in range(run.strategy.num_rounds(run)):
+    for rnd in range(run.strategy.num_rounds()):
         yield run.strategy.plan(run, rnd)
 
 

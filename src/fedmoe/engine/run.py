@@ -26,11 +26,12 @@ from fedmoe.engine.fingerprint import model_fingerprint
 from fedmoe.engine.payload import payload_size, save_tensors_file
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.strategies import get_strategy
-from fedmoe.engine.strategies.base import RoundPlan
+from fedmoe.engine.strategies.base import ClientInfo, NewGlobal, RoundPlan, SetupInput
 from fedmoe.engine.templates import TemplateCache
 from fedmoe.engine.trainables import Trainables
 from fedmoe.engine.turn import InProcess, finish_turn, notify, play_round, prepare_turn
 from fedmoe.errors import RunStopped
+from fedmoe.moe.lora import LoraSpec
 from fedmoe.moe.models import load_model
 from fedmoe.moe.slicing import extract, layout_of
 from fedmoe.train.batching import model_kind
@@ -66,18 +67,37 @@ class Run:
         self.predictions: list[dict] = []  # final evaluation, one row per test example
         #: structure of the model as loaded, before the strategy may replace it (what nodes load)
         self.loaded_structure = model_fingerprint(self.base)
-        self.strategy.setup(self)
+        new = self.strategy.setup(self.setup_input())
+        if new is not None:
+            self.install(new)
 
-    def use_model(self, model: Any, plan: MemoryPlan | None = None) -> None:
+    def setup_input(self) -> SetupInput:
+        """What the strategy's setup reads: its config section, the federation section, the
+        LoRA spec, the seed, the memory plan, the clients, and the loaded model."""
+        cfg, section = self.cfg, self.strategy.config_section
+        clients = {c.client_id: ClientInfo(c.task, len(c.train)) for c in sorted(self.fed.clients,
+                                                                                  key=lambda c: c.client_id)}
+        return SetupInput(getattr(cfg, section) if section else None, cfg.federation, cfg.train.finetune,
+                          LoraSpec.of(cfg.train), cfg.seed, self.plan, clients, self.base, self.family,
+                          self.trainables)
+
+    def install(self, new: NewGlobal) -> None:
+        """Install the global state a strategy's setup returned."""
+        if new.model is not None:
+            self.use_model(new.model, new.plan, new.trainables)
+        else:
+            self.trainables = new.trainables
+
+    def use_model(self, model: Any, plan: MemoryPlan | None = None, trainables: Trainables | None = None) -> None:
         """Make ``model`` the global model: every field that depends on it is rebuilt here
-        (frozen base, fresh trainable state seeded as usual, layout, client caches, and the
-        memory plan when given)."""
+        (frozen base, trainable state — ``trainables``, else fresh and seeded as usual —, layout,
+        client caches, and the memory plan when given)."""
         for p in model.parameters():
             p.requires_grad_(False)
         t = self.cfg.train
         self.base = model
-        self.trainables = Trainables.create(model, self.family, t.finetune, t.lora_r, t.lora_alpha,
-                                            t.lora_dropout, self.cfg.seed)
+        self.trainables = trainables or Trainables.create(model, self.family, t.finetune, LoraSpec.of(t),
+                                                          self.cfg.seed)
         self.base_layout = layout_of(model, self.family)
         self.cache: dict[int, set] = {}  # client → base units (and "dense") it already holds
         self.templates = TemplateCache(model, self.family)  # the server's wrapped sub-MoEs
@@ -151,7 +171,7 @@ class Run:
         for rec in records:
             rec.judge_budget()
         if updates:
-            self.strategy.aggregate(self, plan, updates, replies)
+            self.trainables.state = self.strategy.aggregate(self.trainables, plan, updates, replies)
         extra = self.strategy.after_round(self, plan, replies)
         rr = RoundRecord(
             round=plan.round, stage=plan.stage, sampled=list(plan.sampled), clients=records,
@@ -253,7 +273,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: Any = N
     ckpt = latest_checkpoint(out) if resume else None  # a bad LATEST fails before anything loads
     run = Run(cfg, out, progress)
     start = 0
-    total = run.strategy.num_rounds(run)
+    total = run.strategy.num_rounds()
     if resume and ckpt is None:
         from fedmoe.engine.checkpoint import CheckpointError
 

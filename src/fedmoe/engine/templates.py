@@ -44,8 +44,7 @@ class TemplateCache:
         if type(trainables) is not Trainables or self.capacity <= 0:
             self.builds += 1
             return trainables.wrap(extract(self.base, kept, self.family))
-        key: tuple[Any, ...] = (trainables.finetune, trainables.lora_r, trainables.lora_alpha,
-                                trainables.lora_dropout, tuple(len(set(k)) for k in kept))
+        key: tuple[Any, ...] = (trainables.finetune, trainables.lora, tuple(len(set(k)) for k in kept))
         template = self._lru.get(key)
         if template is None:
             self.builds += 1

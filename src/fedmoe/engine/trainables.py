@@ -18,7 +18,7 @@ from torch import nn
 from fedmoe.core.aggregation import ClientUpdate
 from fedmoe.core.layout import UnitLayout
 from fedmoe.moe.families import MoEFamily
-from fedmoe.moe.lora import apply_lora, load_trainable_state, lora_layout, trainable_state
+from fedmoe.moe.lora import LoraSpec, apply_lora, load_trainable_state, lora_layout, trainable_state
 from fedmoe.moe.slicing import ExpertMap, SubMoE, layout_of
 
 HEAD_TASKS = ("tc", "rc", "ts")
@@ -36,22 +36,19 @@ class Trainables:
 
     family: MoEFamily
     finetune: str
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
+    lora: LoraSpec
     state: dict[str, torch.Tensor]
     layout: UnitLayout
 
     @classmethod
-    def create(cls, base: nn.Module, family: MoEFamily, finetune: str, r: int, alpha: int, dropout: float,
-               seed: int) -> Trainables:
+    def create(cls, base: nn.Module, family: MoEFamily, finetune: str, lora: LoraSpec, seed: int) -> Trainables:
         if finetune == "full":
             state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-            return cls(family, finetune, r, alpha, dropout, state, layout_of(base, family))
+            return cls(family, finetune, lora, state, layout_of(base, family))
         torch.manual_seed(seed)
-        pm = apply_lora(copy.deepcopy(base), r, alpha, dropout, family)
+        pm = apply_lora(copy.deepcopy(base), lora.r, lora.alpha, lora.dropout, family)
         state = {k: v.clone() for k, v in trainable_state(pm).items()}
-        return cls(family, finetune, r, alpha, dropout, state, lora_layout(pm, family))
+        return cls(family, finetune, lora, state, lora_layout(pm, family))
 
     # -- client side -----------------------------------------------------------------
     def wrap(self, sub: SubMoE) -> nn.Module:
@@ -59,7 +56,7 @@ class Trainables:
             for p in sub.model.parameters():
                 p.requires_grad_(True)
             return sub.model
-        return apply_lora(sub.model, self.lora_r, self.lora_alpha, self.lora_dropout, self.family)
+        return apply_lora(sub.model, self.lora.r, self.lora.alpha, self.lora.dropout, self.family)
 
     def client_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         if self.finetune == "full":

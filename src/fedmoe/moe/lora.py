@@ -20,6 +20,8 @@ the same tensors alike.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -33,6 +35,22 @@ from fedmoe.moe.slicing import ExpertMap
 PEFT_PREFIX = "base_model.model."
 #: dense trainable modules that are not LoRA'd but trained in full (task heads)
 HEAD_PATTERNS = ("tc_head", "rc_head", "ts_head", "classifier", "qa_outputs")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A run's LoRA hyper-parameters, as one value (``train.lora_r``, ``train.lora_alpha``,
+    ``train.lora_dropout``). Which modules get adapters is the wrapper's business
+    (:func:`apply_lora`: experts + attention; FLEx: attention only)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+
+    @classmethod
+    def of(cls, train: Any) -> LoraSpec:
+        """The spec of a :class:`fedmoe.config.TrainConfig`."""
+        return cls(train.lora_r, train.lora_alpha, train.lora_dropout)
 
 
 def lora_config(family: MoEFamily, model: nn.Module, r: int, alpha: int, dropout: float = 0.0) -> LoraConfig:

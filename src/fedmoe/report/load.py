@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmoe.config_keys import migrate
 from fedmoe.errors import FedMoEError
 
 #: display order and names of the methods (paper's Table 1 rows, then the newer methods)
@@ -99,7 +100,7 @@ def load_run(path: str | Path) -> RunData:
             raise ReportError(f"{d} has no {name}; it is not a finished run directory.",
                               "pass directories written by `fedmoe run` (finished runs have summary.json).")
     try:
-        config = tomllib.loads((d / "config.toml").read_text())
+        config = migrate(tomllib.loads((d / "config.toml").read_text()))  # a run written before a key moved
     except tomllib.TOMLDecodeError as exc:
         raise ReportError(f"{d / 'config.toml'} is not valid TOML: {exc}.") from None
     rounds = []

@@ -2,8 +2,8 @@
 
 A strategy (Flower's configure/aggregate verbs) glues a pure algorithm module
 (:mod:`fedmoe.algorithms`) to the engine. :data:`STRATEGIES` is derived from the algorithm
-registry (:data:`fedmoe.algorithms.REGISTRY`, each entry's ``strategy``): add new algorithms
-there (docs/extending.md). Importing this package imports every strategy module, which
+registry (:data:`fedmoe.algorithms.REGISTRY`, each entry's ``strategy``; an algorithm's module
+declares its entry, docs/extending.md). Importing this package imports every strategy module, which
 registers their client code (:mod:`fedmoe.engine.node_plans`).
 """
 

@@ -1,4 +1,15 @@
-"""Strategy protocol used by :class:`fedmoe.engine.run.Run`."""
+"""Strategy protocol used by :class:`fedmoe.engine.run.Run`.
+
+A strategy never assigns into the run. :meth:`Strategy.setup` receives a :class:`SetupInput`
+(its own config section, the federation section, the LoRA spec, the seed, the memory plan, the
+clients' ids / tasks / train sizes, and the loaded model for surgery) and returns a
+:class:`NewGlobal` when it changes the global model or the trainable state, which the engine
+installs (:meth:`fedmoe.engine.run.Run.install`); :meth:`Strategy.aggregate` receives the
+current global trainables and returns the new trainable state. The other verbs (``plan``,
+``client_plan``, ``client_trainables``, ``after_round``, ``final_sets``) read the run through
+the read-only view :class:`fedmoe.engine.protocols.RunView` (the sampler, the clients' data,
+the device) and change only the strategy's own state.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +17,52 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
+from fedmoe.config import FederationConfig
 from fedmoe.core.aggregation import ClientUpdate, modular_aggregate
 from fedmoe.engine.client import ClientPlan, ClientReply
 from fedmoe.engine.trainables import Trainables
+from fedmoe.moe.families import MoEFamily
+from fedmoe.moe.lora import LoraSpec
 
 if TYPE_CHECKING:
+    from fedmoe.engine.budget import MemoryPlan
     from fedmoe.engine.protocols import RunView as Run
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What a strategy's setup knows of a client: its task and the size of its train split."""
+
+    task: str
+    num_train: int
+
+
+@dataclass(frozen=True)
+class SetupInput:
+    """Everything :meth:`Strategy.setup` may read (built by the engine from the run)."""
+
+    section: Any  #: the strategy's own config section (:attr:`Strategy.config_section`), or None
+    federation: FederationConfig  #: rounds, clients per round, exclusion of unfit clients
+    finetune: str  #: ``train.finetune``
+    lora: LoraSpec  #: ``train.lora_*``
+    seed: int
+    plan: MemoryPlan  #: the run's memory table (budgets M_k, dense / expert bytes), experts per layer
+    clients: dict[int, ClientInfo]  #: client id → task, train size (ascending ids)
+    model: Any  #: the loaded global model (frozen; for surgery on a copy, never in place)
+    family: MoEFamily
+    trainables: Trainables  #: the engine's global trainables for ``model`` (read only)
+
+
+@dataclass(frozen=True)
+class NewGlobal:
+    """What a strategy's setup hands back for the engine to install: the global trainables, and
+    a new global model with its memory plan when the strategy replaced the model."""
+
+    trainables: Trainables
+    model: Any = None  #: None: the loaded model stays the global model
+    plan: MemoryPlan | None = None
 
 
 @dataclass
@@ -32,14 +82,19 @@ class Strategy:
     #: asks nodes to build that kind, checks replies with the global ``run.trainables`` and runs
     #: the final evaluation on the nodes, since only they hold the personal state
     client_kind: str = ""
+    #: name of the strategy's own section of :class:`fedmoe.config.ExperimentConfig` ("" = none)
+    config_section: str = ""
 
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def setup(self, run: Run) -> None:
-        """Called once after the model, data and budgets are ready."""
+    def setup(self, inp: SetupInput) -> NewGlobal | None:
+        """Called once after the model, data and budgets are ready; returns the new global
+        state to install (None: the engine's default model and trainables stay)."""
+        return None
 
-    def num_rounds(self, run: Run) -> int:
+    def num_rounds(self) -> int:
+        """Rounds of the run (after :meth:`setup`)."""
         raise NotImplementedError
 
     def plan(self, run: Run, rnd: int) -> RoundPlan:
@@ -74,8 +129,10 @@ class Strategy:
         """
         return run.trainables
 
-    def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
-        run.trainables.state = modular_aggregate(run.trainables.state, run.trainables.layout, updates)
+    def aggregate(self, current: Trainables, plan: RoundPlan, updates: list[ClientUpdate],
+                  replies: dict[int, ClientReply]) -> dict[str, torch.Tensor]:
+        """The new global trainable state from ``current`` and the round's surviving updates."""
+        return modular_aggregate(current.state, current.layout, updates)
 
     def after_round(self, run: Run, plan: RoundPlan, replies: dict[int, ClientReply]) -> dict[str, Any]:
         """Structure updates after aggregation; returns extra fields for the round record."""

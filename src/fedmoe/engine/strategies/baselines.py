@@ -16,9 +16,9 @@ variates that travel both ways (:mod:`fedmoe.algorithms.scaffold`).
   (:func:`fedmoe.engine.budget.client_batch_shape`).
 * **Budgets.** A client whose budget cannot hold the model (``submodel_bytes(all experts) >
   M_k``) stops the run with a :class:`~fedmoe.errors.BudgetError` naming the client, the
-  bytes needed and its budget — unless ``fedmoe.exclude_unfit``: then it never takes part
+  bytes needed and its budget — unless ``federation.exclude_unfit``: then it never takes part
   (recorded in the rounds' ``skipped`` and the summary's ``excluded``).
-* **Rounds.** ``fedmoe.rounds`` rounds (the same R as FedMoE's stage 2, so comparisons use
+* **Rounds.** ``federation.rounds`` rounds (the same R as FedMoE's stage 2, so comparisons use
   the same number of federated rounds), numbered 0…R−1 and recorded as stage 2; round r
   samples ``run.fed.sample_clients(r, rng_r)`` with the per-round generator
   :meth:`~fedmoe.engine.strategies.base.Strategy.round_rng` (so a resumed run replays
@@ -41,8 +41,8 @@ from fedmoe.engine.budget import MemoryPlan
 from fedmoe.engine.client import ClientPlan, ClientReply
 from fedmoe.engine.node_plans import SlotStore
 from fedmoe.engine.payload import from_bytes
-from fedmoe.engine.strategies.base import RoundPlan, Strategy
-from fedmoe.engine.trainables import HEAD_TASKS
+from fedmoe.engine.strategies.base import NewGlobal, RoundPlan, SetupInput, Strategy
+from fedmoe.engine.trainables import HEAD_TASKS, Trainables
 from fedmoe.errors import BudgetError, ConfigError
 from fedmoe.moe.slicing import extract
 
@@ -76,16 +76,19 @@ def resolve_num_experts(plan: MemoryPlan, requested: int) -> list[int]:
     return [1] * len(counts)
 
 
-def use_global_model(run: Run, model: nn.Module, counts: list[int]) -> None:
-    """Make ``model`` (the first ``counts[i]`` experts of each layer of ``run.base``) the run's
-    global model, rebuilding every ``Run`` field that depends on the model.
+def global_model(inp: SetupInput, model: nn.Module, counts: list[int]) -> NewGlobal:
+    """``model`` (the first ``counts[i]`` experts of each layer of the loaded model) as the
+    run's new global model, for the engine to install (:meth:`fedmoe.engine.run.Run.install`).
 
-    ``base`` (frozen), ``trainables`` (fresh LoRA state with the run's seed, as ``Run`` makes
-    it), ``base_layout``, the base-weight caches, and ``plan``: the run's memory table
-    restricted to the kept experts, with the clients' budgets unchanged.
+    Its ``trainables``: fresh LoRA state with the run's seed, as the engine makes it for the
+    loaded model; its ``plan``: the run's memory table restricted to the kept experts, with
+    the clients' budgets unchanged.
     """
-    table = run.plan.table.restrict(counts)  # every client's own costs, restricted too
-    run.use_model(model, MemoryPlan(table, table.full_bytes(), list(counts)))
+    table = inp.plan.table.restrict(counts)  # every client's own costs, restricted too
+    for p in model.parameters():  # frozen before the adapters are made, as the engine does
+        p.requires_grad_(False)
+    trainables = Trainables.create(model, inp.family, inp.finetune, inp.lora, inp.seed)
+    return NewGlobal(trainables, model, MemoryPlan(table, table.full_bytes(), list(counts)))
 
 
 def client_keys(state: dict[str, torch.Tensor], task: str) -> list[str]:
@@ -97,37 +100,42 @@ def client_keys(state: dict[str, torch.Tensor], task: str) -> list[str]:
 class BaselineStrategy(Strategy):
     """FedAvg: every client trains the whole global model; the server averages everything."""
 
-    def setup(self, run: Run) -> None:
-        counts = resolve_num_experts(run.plan, run.cfg.baseline.num_experts)
-        if counts != list(run.plan.num_experts):
-            sub = extract(run.base, [list(range(n)) for n in counts], run.family)
-            use_global_model(run, sub.model, counts)
+    config_section = "baseline"
+
+    def setup(self, inp: SetupInput) -> NewGlobal | None:
+        self.section, self.fed = inp.section, inp.federation
+        counts = resolve_num_experts(inp.plan, inp.section.num_experts)
+        new, plan = None, inp.plan
+        if counts != list(inp.plan.num_experts):
+            sub = extract(inp.model, [list(range(n)) for n in counts], inp.family)
+            new = global_model(inp, sub.model, counts)
+            plan = new.plan
         self.num_experts = counts
         self.full_sets = [list(range(n)) for n in counts]
-        needs = {cid: run.plan.submodel_bytes(self.full_sets, client=cid) for cid in sorted(run.clients)}
+        needs = {cid: plan.submodel_bytes(self.full_sets, client=cid) for cid in sorted(inp.clients)}
         self.excluded: dict[int, str] = {}
-        unfit = [(cid, run.plan.table.budgets[cid]) for cid in sorted(run.clients)
-                 if needs[cid] > run.plan.table.budgets[cid]]
+        unfit = [(cid, plan.table.budgets[cid]) for cid in sorted(inp.clients) if needs[cid] > plan.table.budgets[cid]]
         for cid, budget in unfit:
             need = needs[cid]
             msg = (f"Client {cid} cannot hold the {self.name} global model ({sum(counts)} experts, "
                    f"{counts} per layer): it needs {need:.0f} training bytes, its budget is {budget:.0f} bytes.")
-            if not run.cfg.fedmoe.exclude_unfit:
+            if not self.fed.exclude_unfit:
                 others = f" ({len(unfit) - 1} more clients do not fit either)" if len(unfit) > 1 else ""
                 raise BudgetError(msg + others, "set baseline.num_experts to fewer experts per layer (-1 = the "
                                   "largest that fits every client), raise setting.budget_low, or set "
-                                  "fedmoe.exclude_unfit=true to leave such clients out.")
+                                  "federation.exclude_unfit=true to leave such clients out.")
             self.excluded[cid] = msg
-        self.members = [cid for cid in sorted(run.clients) if cid not in self.excluded]
+        self.members = [cid for cid in sorted(inp.clients) if cid not in self.excluded]
         if not self.members:
             raise BudgetError(f"No client can hold the {self.name} global model ({min(needs.values()):.0f} "
                               "training bytes or more).",
                               "set baseline.num_experts to fewer experts per layer, or raise the budgets.")
-        self.tasks = {cid: run.clients[cid].task for cid in run.clients}
+        self.tasks = {cid: c.task for cid, c in inp.clients.items()}
+        return new
 
     # -- rounds ------------------------------------------------------------------------
-    def num_rounds(self, run: Run) -> int:
-        return run.cfg.fedmoe.rounds
+    def num_rounds(self) -> int:
+        return self.fed.rounds
 
     def plan(self, run: Run, rnd: int) -> RoundPlan:
         drawn = run.fed.sample_clients(rnd, self.round_rng(run, rnd))
@@ -140,8 +148,9 @@ class BaselineStrategy(Strategy):
         return [fedavg.ClientWeights(u.client_id, u.num_examples, from_bytes(replies[u.client_id].upload))
                 for u in updates]
 
-    def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
-        run.trainables.state = fedavg.average(run.trainables.state, self._uploads(updates, replies))
+    def aggregate(self, current: Trainables, plan: RoundPlan, updates: list[ClientUpdate],
+                  replies: dict[int, ClientReply]) -> dict[str, torch.Tensor]:
+        return fedavg.average(current.state, self._uploads(updates, replies))
 
     def final_sets(self, run: Run) -> dict[int, list[list[int]]]:
         return {cid: self.full_sets for cid in self.members}
@@ -179,15 +188,17 @@ class ScaffoldStrategy(BaselineStrategy):
     Down: ``w`` and ``c``; up: ``w_k`` and ``Δc_k``; both counted.
     """
 
-    def setup(self, run: Run) -> None:
-        super().setup(run)
+    def setup(self, inp: SetupInput) -> NewGlobal | None:
+        new = super().setup(inp)
+        state = (new.trainables if new is not None else inp.trainables).state  # the global trainables
         holders: dict[str, int] = {}
         for cid in self.members:
-            for k in client_keys(run.trainables.state, self.tasks[cid]):
+            for k in client_keys(state, self.tasks[cid]):
                 holders[k] = holders.get(k, 0) + 1
-        template = {k: v for k, v in run.trainables.state.items() if k in holders}
+        template = {k: v for k, v in state.items() if k in holders}
         self.server = scaffold.init_server_state(template, holders)
         self.client_variates: dict[int, dict[str, torch.Tensor]] = {}  #: client-held c_k
+        return new
 
     def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan:
         """``c`` goes down; the client's code is the node plan ``scaffold``, with ``c_k`` in
@@ -195,11 +206,13 @@ class ScaffoldStrategy(BaselineStrategy):
         down = {k: self.server.c[k] for k in client_keys(run.trainables.state, self.tasks[cid]) if k in self.server.c}
         return ClientPlan(extra_down=down, node_plan="scaffold", store=SlotStore(self.client_variates, cid))
 
-    def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
+    def aggregate(self, current: Trainables, plan: RoundPlan, updates: list[ClientUpdate],
+                  replies: dict[int, ClientReply]) -> dict[str, torch.Tensor]:
         uploads = [scaffold.ScaffoldUpload(u.client_id, u.num_examples, u.weights, dict(replies[u.client_id].extra or {}))
                    for u in self._uploads(updates, replies)]
-        run.trainables.state, self.server = scaffold.server_update(
-            run.trainables.state, self.server, uploads, server_lr=run.cfg.baseline.scaffold_server_lr)
+        state, self.server = scaffold.server_update(current.state, self.server, uploads,
+                                                    server_lr=self.section.scaffold_server_lr)
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         return {"server": self.server, "client_variates": self.client_variates}

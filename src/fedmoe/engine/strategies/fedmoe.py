@@ -2,7 +2,7 @@
 
 Stage 1 measures p on **every** memory-rich client (budget ≥ the full MoE + LoRA): it lasts
 ``max(fedmoe.stage1_rounds, ⌈n_rich / per_round⌉)`` rounds (``per_round`` =
-``min(setting.clients_per_round, n_rich)``); each round takes memory-rich clients that have not
+``min(federation.clients_per_round, n_rich)``); each round takes memory-rich clients that have not
 reported yet first — in the order the setting's sampler draws them, then the others in a seeded
 order — and fills any remaining places with ones that have. While no client has reported p
 (every stage-1 turn failed), further rounds stay in stage 1 (taking rounds from stage 2);
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedmoe.algorithms import fedmoe as algo
-from fedmoe.engine.strategies.base import RoundPlan, Strategy
+from fedmoe.engine.strategies.base import RoundPlan, SetupInput, Strategy
 from fedmoe.errors import ConfigError, RunStopped
 
 if TYPE_CHECKING:
@@ -28,28 +28,30 @@ if TYPE_CHECKING:
 
 
 class FedMoEStrategy(Strategy):
-    def setup(self, run: Run) -> None:
+    config_section = "fedmoe"
+
+    def setup(self, inp: SetupInput) -> None:
         self.state = algo.FedMoEServerState()
-        fc = run.cfg.fedmoe
-        self.random_init = self.name == "random_moe" or not fc.stage1
-        self.adjust = self.name != "random_moe" and fc.stage2_adjust
-        self.info = {c.client_id: (c.task, len(c.train)) for c in run.fed.clients}
+        self.fc, self.fed, self.seed, self.mem = inp.section, inp.federation, inp.seed, inp.plan
+        self.random_init = self.name == "random_moe" or not self.fc.stage1
+        self.adjust = self.name != "random_moe" and self.fc.stage2_adjust
+        self.info = {cid: (c.task, c.num_train) for cid, c in inp.clients.items()}
         self.start_counts: dict[str, float] | None = None
         self.reports: dict[int, tuple[str, int, np.ndarray]] = {}
 
     # -- rounds --------------------------------------------------------------------------
-    def _stage1_rounds(self, run: Run) -> int:
+    def _stage1_rounds(self) -> int:
         if self.random_init:
             return 0
-        n_rich = len(self._sufficient(run))
-        per_round = max(1, min(run.cfg.setting.clients_per_round, n_rich))
-        return max(run.cfg.fedmoe.stage1_rounds, -(-n_rich // per_round))
+        n_rich = len(self._sufficient())
+        per_round = max(1, min(self.fed.clients_per_round, n_rich))
+        return max(self.fc.stage1_rounds, -(-n_rich // per_round))
 
-    def num_rounds(self, run: Run) -> int:
-        return self._stage1_rounds(run) + run.cfg.fedmoe.rounds
+    def num_rounds(self) -> int:
+        return self._stage1_rounds() + self.fed.rounds
 
-    def _sufficient(self, run: Run) -> list[int]:
-        table = run.plan.table  # each client's full MoE priced at its own batch (engine/budget.py)
+    def _sufficient(self) -> list[int]:
+        table = self.mem.table  # each client's full MoE priced at its own batch (engine/budget.py)
         sufficient = [cid for cid in sorted(self.info) if table.budgets[cid] >= table.full_bytes(cid)]
         if not sufficient:
             short = max(self.info, key=lambda c: table.budgets[c] - table.full_bytes(c))
@@ -62,14 +64,14 @@ class FedMoEStrategy(Strategy):
         return sufficient
 
     def plan(self, run: Run, rnd: int) -> RoundPlan:
-        r1 = self._stage1_rounds(run)
+        r1 = self._stage1_rounds()
         if rnd < r1 or (not self.random_init and not self.reports):
             # stage 1: memory-rich clients fine-tune the full MoE with LoRA and report p
             sampled = self._stage1_sample(run, rnd)
-            full = [list(range(n)) for n in run.plan.num_experts]
+            full = [list(range(n)) for n in self.mem.num_experts]
             return RoundPlan(rnd, 1, sampled, {cid: full for cid in sampled})
         if not self.state.expert_sets and not self.state.excluded:
-            self._initial_sets(run)
+            self._initial_sets()
         drawn = run.fed.sample_clients(rnd, self.round_rng(run, rnd))
         sampled = [c for c in drawn if c in self.state.expert_sets]
         skipped = {c: self.state.excluded[c] for c in drawn if c in self.state.excluded}
@@ -78,8 +80,8 @@ class FedMoEStrategy(Strategy):
     def _stage1_sample(self, run: Run, rnd: int) -> list[int]:
         """Memory-rich clients of a stage-1 round: unreported ones first (sampler's draw, then a
         seeded order), remaining places filled with reported ones (same order)."""
-        rich = self._sufficient(run)
-        per_round = min(run.cfg.setting.clients_per_round, len(rich))
+        rich = self._sufficient()
+        per_round = min(self.fed.clients_per_round, len(rich))
         rng = self.round_rng(run, rnd)
         drawn = [c for c in run.fed.sample_clients(rnd, rng) if c in rich]
         rest = [int(c) for c in rng.permutation(rich) if c not in drawn]
@@ -87,18 +89,18 @@ class FedMoEStrategy(Strategy):
         todo = [c for c in order if c not in self.reports] + [c for c in order if c in self.reports]
         return sorted(todo[:per_round])
 
-    def _initial_sets(self, run: Run) -> None:
+    def _initial_sets(self) -> None:
         """Stage 1 steps 2–4: predict p for the others, θ search (or random sets)."""
-        fc = run.cfg.fedmoe
+        fc, table = self.fc, self.mem.table
         if self.random_init:
-            p = {cid: np.zeros_like(run.plan.table.expert_bytes) for cid in self.info}
-            self.state = algo.initial_expert_sets(self.state, p, run.plan.table, alpha=fc.alpha, tol=fc.theta_tol,
-                                                  exclude_unfit=fc.exclude_unfit,
-                                                  random_init=np.random.default_rng([run.cfg.seed, 7]))
+            p = {cid: np.zeros_like(table.expert_bytes) for cid in self.info}
+            self.state = algo.initial_expert_sets(self.state, p, table, alpha=fc.alpha, tol=fc.theta_tol,
+                                                  exclude_unfit=self.fed.exclude_unfit,
+                                                  random_init=np.random.default_rng([self.seed, 7]))
         else:
             p = algo.predict_p(self.reports, self.info)
-            self.state = algo.initial_expert_sets(self.state, p, run.plan.table, alpha=fc.alpha, tol=fc.theta_tol,
-                                                  exclude_unfit=fc.exclude_unfit, reported=self.reports.keys())
+            self.state = algo.initial_expert_sets(self.state, p, table, alpha=fc.alpha, tol=fc.theta_tol,
+                                                  exclude_unfit=self.fed.exclude_unfit, reported=self.reports.keys())
         self.start_counts = algo.expert_count_stats(self.state)
 
     def uses_checkpointing(self, run: Run, cid: int, stage: int) -> bool:
@@ -119,9 +121,9 @@ class FedMoEStrategy(Strategy):
             for cid, rep in replies.items():
                 self.reports[cid] = (self.info[cid][0], self.info[cid][1], rep.p)
             return {}
-        fc = run.cfg.fedmoe
+        fc = self.fc
         results = [algo.ClientResult(cid, self.info[cid][1], rep.score, rep.p) for cid, rep in replies.items()]
-        self.state, events = algo.after_round(self.state, results, run.plan.table, patience=fc.patience,
+        self.state, events = algo.after_round(self.state, results, self.mem.table, patience=fc.patience,
                                               top_k=fc.top_k_similar, stage2_adjust=self.adjust)
         return {"actions": events, "theta": {c: self.state.theta[c] for c in plan.sampled if c in self.state.theta}}
 

@@ -25,7 +25,7 @@ shared tensors, server bookkeeping) and :mod:`fedmoe.moe.graft` (choosing e*, gr
   (and stale ones from rounds ≥ r of an interrupted run) are removed. With
   ``engine.checkpoint_every`` > 1 a client taking part twice between checkpoints can lose the
   file a replay would need (it then restores an older one).
-* **Rounds.** ``fedmoe.rounds`` rounds recorded as stage 2, sampled like the baselines. Budgets
+* **Rounds.** ``federation.rounds`` rounds recorded as stage 2, sampled like the baselines. Budgets
   are not enforced (the paper's FLEx has none): each client's ``predicted_memory_bytes`` is the
   full MoE's, reported against its budget.
 * **Final evaluation.** Each client on the full MoE with the final shared tensors and its own
@@ -55,13 +55,13 @@ from fedmoe.core.layout import UnitLayout
 from fedmoe.data.settings import ClientData
 from fedmoe.engine.client import ClientContext, ClientPlan, ClientReply
 from fedmoe.engine.node_plans import ExtraUp, NodeTurn, register_client_kind, register_node_plan
-from fedmoe.engine.strategies.base import RoundPlan, Strategy
+from fedmoe.engine.strategies.base import NewGlobal, RoundPlan, SetupInput, Strategy
 from fedmoe.engine.strategies.hfedmoe import client_batches
 from fedmoe.engine.trainables import HEAD_TASKS, Trainables, _other_heads
 from fedmoe.errors import ConfigError
 from fedmoe.moe.families import MoEFamily
 from fedmoe.moe.graft import choose_personal_experts, graft_side_experts, mark_side_trainable, side_parameters
-from fedmoe.moe.lora import HEAD_PATTERNS, load_trainable_state, trainable_state
+from fedmoe.moe.lora import HEAD_PATTERNS, LoraSpec, load_trainable_state, trainable_state
 from fedmoe.moe.slicing import ExpertMap, SubMoE
 from fedmoe.train.loop import LocalHooks, forward_context
 
@@ -78,10 +78,10 @@ CLIENT_KIND = "flex"
 _PEFT_PREFIX = "base_model.model."
 
 
-def attention_lora(model: nn.Module, r: int, alpha: int, dropout: float, family: MoEFamily) -> nn.Module:
+def attention_lora(model: nn.Module, lora: LoraSpec, family: MoEFamily) -> nn.Module:
     """LoRA on the attention projections only; task heads trainable; everything else (experts, routers) frozen."""
     attn = "|".join(re.escape(n) for n in family.attention_modules)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=rf".*\.({attn})$", bias="none")
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=rf".*\.({attn})$", bias="none")
     routers = {id(p) for b in family.blocks(model) for p in family.router(model.get_submodule(b.path)).parameters()}
     pm = get_peft_model(model, cfg)
     for name, p in pm.base_model.model.named_parameters():  # Switch's router is `router.classifier`: not a head
@@ -98,17 +98,16 @@ class FlexTrainables(Trainables):
     """Server view: the global state is the shared tensors only (attention LoRA + heads), all dense."""
 
     @classmethod
-    def create_shared(cls, base: nn.Module, family: MoEFamily, r: int, alpha: int, dropout: float,
-                      seed: int) -> FlexTrainables:
+    def create_shared(cls, base: nn.Module, family: MoEFamily, lora: LoraSpec, seed: int) -> FlexTrainables:
         torch.manual_seed(seed)
-        pm = attention_lora(copy.deepcopy(base), r, alpha, dropout, family)
+        pm = attention_lora(copy.deepcopy(base), lora, family)
         state = {k: v.clone() for k, v in trainable_state(pm).items()}
         if any(algo.is_personal(k) for k in state):
             raise ConfigError("The model already has side-expert tensors.", "start FLEx from a pretrained MoE.")
-        return cls(family, "lora", r, alpha, dropout, state, UnitLayout(dense_keys=list(state)))
+        return cls(family, "lora", lora, state, UnitLayout(dense_keys=list(state)))
 
     def wrap(self, sub: SubMoE) -> nn.Module:
-        return attention_lora(sub.model, self.lora_r, self.lora_alpha, self.lora_dropout, self.family)
+        return attention_lora(sub.model, self.lora, self.family)
 
     def client_layout(self, model: nn.Module, expert_map: ExpertMap) -> UnitLayout:
         return UnitLayout(dense_keys=[k for k in trainable_state(model) if not algo.is_personal(k)])
@@ -212,7 +211,7 @@ def node_trainables(ctx: ClientContext, client: ClientData, folder: Path, rnd: i
     state folder of this client). The global state is not needed on a client: the shared
     tensors arrive with each request."""
     t, f = ctx.cfg.train, ctx.cfg.flex
-    tr = FlexClientTrainables(ctx.family, "lora", t.lora_r, t.lora_alpha, t.lora_dropout, {}, UnitLayout())
+    tr = FlexClientTrainables(ctx.family, "lora", LoraSpec.of(t), {}, UnitLayout())
     return tr.bind(ctx, client, folder, rnd, f.gate_bias, f.max_choice_examples)
 
 
@@ -220,22 +219,23 @@ class FlexStrategy(Strategy):
     """FLEx (2025) on the in-process engine; see the module docstring."""
 
     client_kind = CLIENT_KIND
+    config_section = "flex"
 
-    def setup(self, run: Run) -> None:
-        t = run.cfg.train
-        if t.finetune != "lora":
-            raise ConfigError(f"FLEx trains attention LoRA + side experts; train.finetune = {t.finetune!r}.",
+    def setup(self, inp: SetupInput) -> NewGlobal:
+        if inp.finetune != "lora":
+            raise ConfigError(f"FLEx trains attention LoRA + side experts; train.finetune = {inp.finetune!r}.",
                               "set train.finetune=lora.")
-        if run.cfg.flex.max_choice_examples < 0:
-            raise ConfigError(f"flex.max_choice_examples = {run.cfg.flex.max_choice_examples} is negative.",
+        if inp.section.max_choice_examples < 0:
+            raise ConfigError(f"flex.max_choice_examples = {inp.section.max_choice_examples} is negative.",
                               "use 0 (the whole train split) or a positive count.")
-        run.trainables = FlexTrainables.create_shared(run.base, run.family, t.lora_r, t.lora_alpha, t.lora_dropout,
-                                                      run.cfg.seed)
-        self.state = algo.init_state(run.trainables.state)
-        self.full = [list(range(n)) for n in run.plan.num_experts]
+        trainables = FlexTrainables.create_shared(inp.model, inp.family, inp.lora, inp.seed)
+        self.state = algo.init_state(trainables.state)
+        self.full = [list(range(n)) for n in inp.plan.num_experts]
+        self.rounds = inp.federation.rounds
+        return NewGlobal(trainables)
 
-    def num_rounds(self, run: Run) -> int:
-        return run.cfg.fedmoe.rounds
+    def num_rounds(self) -> int:
+        return self.rounds
 
     def plan(self, run: Run, rnd: int) -> RoundPlan:
         sampled = run.fed.sample_clients(rnd, self.round_rng(run, rnd))
@@ -246,7 +246,7 @@ class FlexStrategy(Strategy):
 
     def client_trainables(self, run: Run, cid: int, rnd: int | None) -> Trainables:
         g = run.trainables
-        tr = FlexClientTrainables(g.family, g.finetune, g.lora_r, g.lora_alpha, g.lora_dropout, g.state, g.layout)
+        tr = FlexClientTrainables(g.family, g.finetune, g.lora, g.state, g.layout)
         return tr.bind(run.ctx, run.clients[cid], self.client_folder(run, cid), rnd, run.cfg.flex.gate_bias,
                        run.cfg.flex.max_choice_examples)
 
@@ -254,14 +254,15 @@ class FlexStrategy(Strategy):
         """First participation: the client reports e* (node plan ``flex-choice``)."""
         return None if cid in self.state.personal_experts else ClientPlan(node_plan=CHOICE_PLAN)
 
-    def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
+    def aggregate(self, current: Trainables, plan: RoundPlan, updates: list[ClientUpdate],
+                  replies: dict[int, ClientReply]) -> dict[str, torch.Tensor]:
         state = self.state
         for u in updates:
             extra = replies[u.client_id].extra or {}
             if CHOICE_KEY in extra:
                 state = algo.record_choice(state, u.client_id, [int(e) for e in extra[CHOICE_KEY].tolist()])
         self.state = algo.aggregate(state, updates)
-        run.trainables.state = dict(self.state.shared)
+        return dict(self.state.shared)
 
     def final_sets(self, run: Run) -> dict[int, list[list[int]]]:
         return {cid: self.full for cid in sorted(run.clients)}

@@ -8,11 +8,11 @@ selection, τ-filtered expert aggregation, importance-weighted gate aggregation)
   memory budget M_k over the run's additive training-memory table (the same table and M_k as
   every other algorithm), with safety factor ``hfedmoe.alpha``. A client that cannot train one
   expert per layer stops the run with a :class:`~fedmoe.errors.BudgetError`, or is left out
-  when ``fedmoe.exclude_unfit`` (recorded in ``skipped`` / the summary's ``excluded``).
+  when ``federation.exclude_unfit`` (recorded in ``skipped`` / the summary's ``excluded``).
 * **Gradient checkpointing.** With ``train.gradient_checkpointing = "auto"`` C_k is computed
   under the plain and the checkpointed cost tables; a client trains with checkpointing when that
   gives it a larger C_k (or it fits only there), as FedMoE's θ search does for expert sets.
-* **Rounds.** ``fedmoe.rounds`` rounds recorded as stage 2 (as the baselines), sampled with
+* **Rounds.** ``federation.rounds`` rounds recorded as stage 2 (as the baselines), sampled with
   ``run.fed.sample_clients`` and the per-round generator, so a resumed run replays exactly.
 * **Selection pass (§3.2–3.4), per sampled client, before its turn** — a *configure* message
   exchange, run by :meth:`HFedMoEStrategy.plan` (the plan must name every client's expert set):
@@ -49,7 +49,8 @@ from fedmoe.core.aggregation import ClientUpdate
 from fedmoe.data.settings import ClientData
 from fedmoe.engine.client import ClientContext, ClientPlan, ClientReply
 from fedmoe.engine.payload import from_bytes, to_bytes
-from fedmoe.engine.strategies.base import RoundPlan, Strategy
+from fedmoe.engine.strategies.base import RoundPlan, SetupInput, Strategy
+from fedmoe.engine.trainables import Trainables
 from fedmoe.errors import BudgetError, ConfigError
 from fedmoe.moe.graft import collect_router_stats
 from fedmoe.moe.slicing import extract
@@ -112,8 +113,10 @@ def routing_pass(model: nn.Module, run: Run, client: ClientData, max_examples: i
 class HFedMoEStrategy(Strategy):
     """HFedMoE (Fang et al. 2026) on the in-process engine; see the module docstring."""
 
-    def setup(self, run: Run) -> None:
-        hc = run.cfg.hfedmoe
+    config_section = "hfedmoe"
+
+    def setup(self, inp: SetupInput) -> None:
+        hc, self.fed = inp.section, inp.federation
         if not 0.0 <= hc.lam <= 1.0:
             raise ConfigError(f"hfedmoe.lam = {hc.lam} is out of range.", "use a value in [0, 1].")
         if hc.beta < 0:
@@ -125,15 +128,15 @@ class HFedMoEStrategy(Strategy):
                               "use 0 (the whole train split) or a positive count.")
         self.lam, self.beta, self.max_score = hc.lam, hc.beta, hc.max_score_examples
         self.tau: float | None = None if hc.tau < 0 else hc.tau
-        self.full = [list(range(n)) for n in run.plan.num_experts]
+        self.full = [list(range(n)) for n in inp.plan.num_experts]
         self.state = algo.HFedMoEServerState()
         self.excluded: dict[int, str] = {}
-        table = run.plan.table
+        table = inp.plan.table
         #: clients that train with gradient checkpointing ("auto": it raised their C_k)
         self.checkpointing: set[int] = set()
-        auto = run.cfg.train.gradient_checkpointing == "auto" and table.checkpointed is not None
+        auto = table.checkpointed is not None  # the plan has checkpointed costs only under "auto"
         options = [False, True] if auto else [False]
-        for cid in sorted(run.clients):
+        for cid in sorted(inp.clients):
             c_k: dict[bool, int] = {}
             errors: list[BudgetError] = []
             for ck in options:
@@ -143,7 +146,7 @@ class HFedMoEStrategy(Strategy):
                 except BudgetError as err:
                     errors.append(err)
             if not c_k:
-                if not run.cfg.fedmoe.exclude_unfit:
+                if not self.fed.exclude_unfit:
                     raise errors[0]
                 self.excluded[cid] = errors[0].what
                 continue
@@ -151,7 +154,7 @@ class HFedMoEStrategy(Strategy):
             self.state.budgets[cid] = c_k[ck]
             if ck:
                 self.checkpointing.add(cid)
-        if len(self.excluded) == len(run.clients):
+        if len(self.excluded) == len(inp.clients):
             raise BudgetError("No client can train one expert per MoE layer under HFedMoE.",
                               "raise setting.budget_low or hfedmoe.alpha.")
         #: round → client → the expert sets it trained that round
@@ -161,8 +164,8 @@ class HFedMoEStrategy(Strategy):
         self.last_info: dict[str, Any] = {}
         self._final: tuple[int, dict[int, list[list[int]]]] | None = None
 
-    def num_rounds(self, run: Run) -> int:
-        return run.cfg.fedmoe.rounds
+    def num_rounds(self) -> int:
+        return self.fed.rounds
 
     def uses_checkpointing(self, run: Run, cid: int, stage: int) -> bool:
         """``"auto"``: the clients whose C_k is larger under the checkpointed costs (:meth:`setup`)."""
@@ -204,9 +207,11 @@ class HFedMoEStrategy(Strategy):
         return ClientPlan(setup_down_bytes=down, setup_up_bytes=up, setup_base_bytes=base)
 
     # -- aggregation ----------------------------------------------------------------------
-    def aggregate(self, run: Run, plan: RoundPlan, updates: list[ClientUpdate], replies: dict[int, ClientReply]) -> None:
-        self.state, run.trainables.state, self.last_info = algo.aggregate(
-            self.state, run.trainables.state, run.trainables.layout, updates, tau=self.tau)
+    def aggregate(self, current: Trainables, plan: RoundPlan, updates: list[ClientUpdate],
+                  replies: dict[int, ClientReply]) -> dict[str, torch.Tensor]:
+        self.state, state, self.last_info = algo.aggregate(self.state, current.state, current.layout, updates,
+                                                           tau=self.tau)
+        return state
 
     def after_round(self, run: Run, plan: RoundPlan, replies: dict[int, ClientReply]) -> dict[str, Any]:
         actions: list[dict[str, Any]] = [
