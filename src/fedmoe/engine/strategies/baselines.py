@@ -30,6 +30,7 @@ variates that travel both ways (:mod:`fedmoe.algorithms.scaffold`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -85,7 +86,7 @@ def use_global_model(run: Run, model: nn.Module, counts: list[int]) -> None:
     restricted to the kept experts, with the clients' budgets unchanged.
     """
     table = run.plan.table.restrict(counts)  # every client's own costs, restricted too
-    run.use_model(model, MemoryPlan(table, table.full_bytes(), list(counts)))
+    run.use_model(model, dataclasses.replace(run.plan, table=table, full_bytes=table.full_bytes(), num_experts=list(counts)))
 
 
 def client_keys(state: dict[str, torch.Tensor], task: str) -> list[str]:
