@@ -49,9 +49,14 @@ def test_measured_peaks_within_budget_and_prediction(shared_data, tmp_path):
     _check(turns, summary)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM measurement needs Linux /proc")
 def test_measured_peaks_within_budget_and_prediction_small(shared_data, tmp_path):
-    """The same check, cheap enough for the default suite: short batches, few examples."""
+    """The same check at a second size (4 × 48 tokens, few examples). Not in the default suite:
+    it takes 40–100 s, and at this size a fixed runtime overhead of ≈ 20–30 MiB that the
+    proportional ``RUNTIME_SLACK`` does not model leaves measured / predicted at 0.91–0.95 (two
+    runs), close to the 10 % bound. A tiny-family variant cannot hold ±10 %: its budgets (≈ 8 MiB)
+    are below the runtime's own noise (docs/memory.md, Limits)."""
     cfg = load_config(REPO / "configs" / "quickstart.toml", [
         f'data.data_dir="{shared_data}"', 'model.name="minilm-moe-4e"', "data.max_examples_per_task=24",
         "data.max_seq_len=48", "train.batch_size=4", "setting.num_clients=3", 'setting.preset="standard-hetero-t"',
