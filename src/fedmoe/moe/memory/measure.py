@@ -172,14 +172,15 @@ def warm_up_training() -> None:
     schedule), before the first measured turn of a process: the one-time set-up these pay on first
     use (autograd engine, optimiser and clipping code paths; ≈ 11 MiB resident on CPU) belongs to
     the process, not to whichever client turn happens to run first (docs/memory.md)."""
-    layer = nn.Linear(4, 4)
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    layer(torch.ones(2, 4)).sum().backward()
-    torch.nn.utils.clip_grad_norm_(list(layer.parameters()), 1.0)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+    with torch.random.fork_rng(devices=[]):  # the layer's initialisation leaves the caller's RNG stream alone
+        layer = nn.Linear(4, 4)
+        opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        layer(torch.ones(2, 4)).sum().backward()
+        torch.nn.utils.clip_grad_norm_(list(layer.parameters()), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def _ru_maxrss_bytes() -> int:
