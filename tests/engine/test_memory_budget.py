@@ -48,25 +48,3 @@ def test_measured_peaks_within_budget_and_prediction(shared_data, tmp_path):
               c["peak_memory_bytes"] / 2**20, c["budget_bytes"] / 2**20, c["predicted_memory_bytes"] / c["peak_memory_bytes"])
     _check(turns, summary)
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM measurement needs Linux /proc")
-def test_measured_peaks_within_budget_and_prediction_small(shared_data, tmp_path):
-    """The same check at a second size (4 × 48 tokens, few examples). Not in the default suite:
-    it takes 40–100 s, and at this size a fixed runtime overhead of ≈ 20–30 MiB that the
-    proportional ``RUNTIME_SLACK`` does not model leaves measured / predicted at 0.91–0.95 (two
-    runs), close to the 10 % bound. A tiny-family variant cannot hold ±10 %: its budgets (≈ 8 MiB)
-    are below the runtime's own noise (docs/memory.md, Limits)."""
-    cfg = load_config(REPO / "configs" / "quickstart.toml", [
-        f'data.data_dir="{shared_data}"', 'model.name="minilm-moe-4e"', "data.max_examples_per_task=24",
-        "data.max_seq_len=48", "train.batch_size=4", "setting.num_clients=3", 'setting.preset="standard-hetero-t"',
-        "setting.clients_per_round=3", "setting.budget_low=0.7", "fedmoe.stage1_rounds=1", "fedmoe.rounds=1",
-        "train.local_epochs=1", "train.max_local_steps=0", "train.eval_batch_size=4", "engine.measure_memory=true",
-    ])
-    summary = run_experiment(cfg, tmp_path)
-    turns = _turns(tmp_path)
-    assert len(turns) >= 4 and {c["task"] for c in turns} == {"tc", "rc", "ts"}
-    for c in turns:
-        print(c["client_id"], c["task"], c["stage"], c["num_experts"], c["predicted_memory_bytes"] / 2**20,
-              c["peak_memory_bytes"] / 2**20, c["budget_bytes"] / 2**20, c["predicted_memory_bytes"] / c["peak_memory_bytes"])
-    _check(turns, summary)
