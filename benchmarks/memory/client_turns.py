@@ -45,7 +45,7 @@ def _sizes(name: str) -> list[tuple[int, int]]:
 
 
 def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int,
-                sizes: list[str] | None = None) -> list[dict]:
+                sizes: list[str] | None = None, dtype: str = "float32") -> list[dict]:
     import json
 
     import torch
@@ -76,7 +76,7 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
             f'data.data_dir="{data_dir}"', f'model.name="{name}"', "data.max_examples_per_task=96",
             f"data.max_seq_len={s}", "data.max_target_len=16", f"train.batch_size={b}", f"train.max_local_steps={steps}",
             "train.eval_batch_size=8", "engine.measure_memory=true", "setting.num_clients=3",
-            'setting.preset="standard-hetero-t"', "federation.clients_per_round=3",
+            'setting.preset="standard-hetero-t"', "federation.clients_per_round=3", f'model.dtype="{dtype}"',
         ])
         out = Path(tmp) / f"{name}-{b}x{s}"
         out.mkdir(parents=True)
@@ -97,12 +97,19 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
                 dense, experts = _unit_training_bytes(run.base, run.family, b, widest["S"], cfg.train.finetune,
                                                       cfg.train.lora_r, target_len=min(widest["T"], cfg.data.max_target_len))
                 at_used = RUNTIME_SLACK * (dense + sum(float(experts[i, j]) for i, ids in enumerate(kept) for j in ids))
-                rows.append(dict(model=name, task=task, B=b, S=s, kept=k, predicted=rec.predicted_memory_bytes,
+                rows.append(dict(model=name if dtype == "float32" else f"{name} ({dtype})", task=task, B=b, S=s, kept=k, predicted=rec.predicted_memory_bytes,
                                  measured=rec.peak_memory_bytes, S_used=widest["S"], T_used=widest["T"],
                                  at_used=at_used, seconds=time.perf_counter() - t0))
                 with (Path(tmp) / "rows.jsonl").open("a") as f:  # as measured (a long run can be followed)
                     f.write(json.dumps(rows[-1]) + "\n")
     return rows
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE / "client_turns.md"))
     ap.add_argument("--tmp", default="/tmp/fedmoe-client-turns")
     ap.add_argument("--tasks", nargs="*", default=["tc", "rc", "ts"])
-    ap.add_argument("--steps", type=int, default=2, help="local steps per turn (the 2nd is the steady state)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="local steps per turn (0: one whole epoch, so the client's longest row is trained)")
+    ap.add_argument("--dtype", default="float32", help="model.dtype (e.g. bfloat16 for the SmolLM2 preset)")
     ap.add_argument("--sizes", nargs="*", default=None, help="BxS sizes to run (e.g. 8x192), default: all of the model's")
     ap.add_argument("--jobs", type=int, default=1, help="models measured at the same time (memory is per process)")
     args = ap.parse_args(argv)
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     # a fresh process per model: clean VmHWM, no memory of other models
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_model_rows, n, args.data_dir, args.tmp, args.tasks, args.steps, args.sizes) for n in args.models]
+        futures = [pool.submit(_model_rows, n, args.data_dir, args.tmp, args.tasks, args.steps, args.sizes, args.dtype) for n in args.models]
         results = [f.result() for f in futures]
     for got in results:
         for r in got:
@@ -141,12 +150,15 @@ def main(argv: list[str] | None = None) -> int:
                                        *(["--models", *args.models] if args.models != MODELS else []),
                                        *(["--tasks", *args.tasks] if args.tasks != ["tc", "rc", "ts"] else []),
                                        *(["--sizes", *args.sizes] if args.sizes else []),
+                                       *([f"--steps {args.steps}"] if args.steps else []),
+                                       *([f"--dtype {args.dtype}"] if args.dtype != "float32" else []),
                                        *([f"--jobs {args.jobs}"] if args.jobs > 1 else []),
                                        *([f"--out {args.out}"] if args.out != str(HERE / "client_turns.md") else [])]) + "`",
         f"(torch {torch.__version__}, {platform.machine()}, Python {platform.python_version()}, 1 thread, CPU, "
-        f"{took / 60:.1f} min, on a shared machine). One client turn per task through `Run._client` ({args.steps} local steps, LoRA r = 8, "
-        "eval batch 8); *predicted* = `run.plan.submodel_bytes(kept)`, the price the θ search and the "
-        "budgets use; *measured* = the turn's `peak_memory_bytes` (docs/memory.md). Ratio = predicted / measured. "
+        f"{took / 60:.1f} min, on a shared machine, load {_load()}). One client turn per task through `Run._client` "
+        f"({args.steps or 'one epoch of'} local steps, LoRA r = 8, eval batch 8); *predicted* = the turn's "
+        "`predicted_memory_bytes` (`run.plan.submodel_bytes(kept, client=cid)`: the client's own price, at its "
+        "longest training example); *measured* = the turn's `peak_memory_bytes` (docs/memory.md). Ratio = predicted / measured. "
         "*S used* = the widest training batch the turn ran (batches are padded to their longest row); "
         "*at S used* = the same formula (× RUNTIME_SLACK) priced at that length; ratio used = at S used / measured.",
         "",

@@ -102,3 +102,32 @@ def test_a_run_prices_each_tc_client_at_its_own_tokens(shared_data, tmp_path):
             assert c.predicted_memory_bytes == int(run.plan.submodel_bytes(plan.sets[c.client_id], client=c.client_id))
             seen += c.client_id == cid
     assert seen  # the TC client took part
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-bert-moe"])
+def test_layers_below_top_k_are_priced_as_the_extracted_sub_moe(name):
+    """A layer keeping fewer experts than top_k routes each token to fewer of them: the plan's
+    price equals the formula of the extracted sub-MoE itself (the additive table, which the θ
+    search uses, stays an upper bound)."""
+    import torch
+
+    from fedmoe.moe.memory import SMOOTHED_CE_LOSS, estimate_for_model
+    from fedmoe.moe.slicing import extract
+
+    cfg = _cfg(f'model.name="{name}"')
+    model, family, _ = load_model(name, 0, "float32")
+    shapes = {0: BatchShape(3, 20, 6)}
+    plan = plan_memory(model, family, cfg, [0], shapes)
+    k = max(b.top_k for b in family.blocks(model))
+    assert k == 2
+    adam = "foreach" if torch.cuda.is_available() else "for-loop"
+    for per_layer in (1, 2, 3):
+        kept = [list(range(per_layer)) for _ in plan.num_experts]
+        sub = extract(model, kept, family).model
+        for cid, (b, s) in ((0, (3, 20)), (None, (cfg.train.batch_size, cfg.data.max_seq_len))):
+            oracle = RUNTIME_SLACK * estimate_for_model(sub, b, s, "lora", cfg.train.lora_r, family,
+                                                        factors=SMOOTHED_CE_LOSS, adam_impl=adam, target_len=6)
+            assert plan.submodel_bytes(kept, client=cid) == pytest.approx(oracle, abs=8), (per_layer, cid)
+            dense, eb = plan.table.costs(False, cid)
+            additive = dense + sum(float(eb[i, j]) for i, ids in enumerate(kept) for j in ids)
+            assert (additive > oracle + 1e3) == (per_layer < k)

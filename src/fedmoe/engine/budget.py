@@ -15,7 +15,7 @@ cost at its own batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from fedmoe.algorithms.fedmoe import MemoryTable
 from fedmoe.config import ExperimentConfig
 from fedmoe.data.partition import draw_budgets
 from fedmoe.moe.families import MoEFamily
+from fedmoe.moe.memory.clipping import TopKClip, topk_clip
 from fedmoe.moe.slicing import layout_of
 
 
@@ -130,17 +131,38 @@ class MemoryPlan:
     table: MemoryTable
     full_bytes: float  #: training bytes of the full MoE at the run's longest batch (the budgets' scale)
     num_experts: list[int]
+    #: what layers keeping fewer than top_k experts save (run-wide, and per client at its own batch);
+    #: None when every client trains with gradient checkpointing (its price stays the additive bound)
+    clip: TopKClip | None = None
+    clips: dict[int, TopKClip] = field(default_factory=dict)
 
     def submodel_bytes(self, kept: list[list[int]], checkpointing: bool = False, client: int | None = None) -> float:
         """Training bytes of a sub-MoE, with the checkpointed costs when ``checkpointing`` and the
         plan has them (``train.gradient_checkpointing = "auto"``), at ``client``'s own batch shape
-        when given (the run's longest batch otherwise)."""
+        when given (the run's longest batch otherwise). Layers keeping fewer than ``top_k`` experts
+        route to fewer (:mod:`fedmoe.moe.memory.clipping`): that saving is taken off here, while
+        the θ search prices with the additive table alone (an upper bound of this)."""
         dense, eb = self.table.costs(checkpointing, client)
-        return dense + sum(float(eb[i, j]) for i, ids in enumerate(kept) for j in ids)
+        price = dense + sum(float(eb[i, j]) for i, ids in enumerate(kept) for j in ids)
+        clip = self.clips.get(client, self.clip) if client is not None else self.clip
+        if clip is not None and not checkpointing:
+            price -= RUNTIME_SLACK * clip.bytes_saved([len(ids) for ids in kept])
+        return price
 
     def client_full_bytes(self, client: int) -> float:
         """Training bytes of the full MoE at ``client``'s own batch shape (stage 1's fit test)."""
         return self.table.full_bytes(client)
+
+
+def _clip(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig, shape: BatchShape) -> TopKClip:
+    import torch
+
+    from fedmoe.moe.memory import SMOOTHED_CE_LOSS, memory_model_for
+
+    mm = memory_model_for(model, shape.rows, shape.seq_len, cfg.train.finetune, cfg.train.lora_r, family,
+                          factors=SMOOTHED_CE_LOSS, target_len=shape.target_len,
+                          adam_impl="foreach" if torch.cuda.is_available() else "for-loop")
+    return topk_clip(mm)
 
 
 def _costs(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig,
@@ -182,7 +204,12 @@ def plan_memory(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig, clie
     # when they buy it experts (fedmoe.algorithms.fedmoe.initial_expert_sets)
     table = MemoryTable(float(dense), experts, {cid: float(b) for cid, b in zip(client_ids, budgets, strict=True)},
                         checkpointed, per_client, per_client_ckpt)  # type: ignore[arg-type]
-    return MemoryPlan(table, table.full_bytes(), [b.num_experts for b in family.blocks(model)])
+    clip, clips = None, {}
+    if cfg.train.gradient_checkpointing is not True:
+        clip = _clip(model, family, cfg, BatchShape.of_config(cfg))
+        by_shape = {shape: _clip(model, family, cfg, shape) for shape in set((shapes or {}).values())}
+        clips = {cid: by_shape[shapes[cid]] for cid in per_client if shapes}
+    return MemoryPlan(table, table.full_bytes(), [b.num_experts for b in family.blocks(model)], clip, clips)
 
 
 def attach_budgets(cfg: ExperimentConfig, fed: Any) -> float:

@@ -84,6 +84,21 @@ def main_metric(task: Any, scores: dict[str, float]) -> float:
     return float(scores.get(task.metric, 0.0))
 
 
+_WARM: set[str] = set()
+
+
+def warm_metric(task: Any, client: ClientData) -> None:
+    """Score one reference against itself, once per task and process, before a turn is measured:
+    a metric's one-time set-up (rouge-score's imports: ~160 MiB resident) belongs to the process,
+    not to the first client turn that happens to validate with it (docs/memory.md)."""
+    examples = client.val or client.train
+    if task.name in _WARM or not examples:
+        return
+    ref = task.reference(examples[0])
+    task.score([ref[0] if isinstance(ref, tuple) else ref], [ref])
+    _WARM.add(task.name)
+
+
 def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: Trainables, download: bytes,
                seed: int, measure: Any, plan: ClientPlan | None = None, deadline: Deadline | None = None,
                fault: str | None = None, checkpointing: bool | None = None) -> tuple[ClientReply, Any]:
@@ -132,6 +147,7 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
     # the sub-MoE's weights are part of the turn's memory (docs/memory.md); on CPU they already
     # exist when the measurement starts (on CUDA, `.to(device)` inside it counts them)
     held = tensor_bytes(sub.model) if ctx.device.type == "cpu" else 0
+    warm_metric(task, client)
     (model, res, scores, p, extra_up), peak = measure(work)
     peak = peak + held if peak else 0
     trainables.keep_personal(model)
