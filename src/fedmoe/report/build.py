@@ -30,6 +30,7 @@ from fedmoe.report.load import (
     setting_order,
     setting_title,
 )
+from fedmoe.report.power_section import power_section
 
 TASK_ORDER = ("tc", "rc", "ts")
 LEVELS = (0.9, 0.99)
@@ -205,6 +206,10 @@ def _section(model: str, groups: list[Group], tasks: list[str], out: Path, fig_d
     else:
         md += [f"## Table 2 — ablation{title_suffix}", "",
                "No ablation runs (`fedmoe.stage1=false` / `fedmoe.stage2_adjust=false`) among the inputs.", ""]
+
+    # confidence intervals, paired differences, actions, per-client comm./mem. ------------------
+    sec, data["power"] = power_section(groups, tasks, reference, title_suffix)
+    md += sec
 
     # convergence --------------------------------------------------------------------------
     md += [f"## Convergence{title_suffix}", "",
