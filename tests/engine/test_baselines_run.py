@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedmoe.config import load_config
-from fedmoe.engine.budget import plan_memory
+from fedmoe.engine.budget import BatchShape, plan_memory
 from fedmoe.engine.run import Run, run_experiment
 from fedmoe.engine.strategies.baselines import resolve_num_experts
 from fedmoe.errors import BudgetError
@@ -98,17 +98,26 @@ def test_baselines_run_on_a_smaller_global_moe_that_fits_every_client(runs):
     assert counts == run.plan.num_experts and max(counts) < 6  # tiny-mixtral has 6 experts per layer
     assert [b.num_experts for b in run.family.blocks(run.base)] == counts
     assert {u[1] for u in run.trainables.layout.experts if u[0] == 0} == set(range(counts[0]))
-    need = run.plan.submodel_bytes([list(range(n)) for n in counts])
+    kept = [list(range(n)) for n in counts]
     for r in run.rounds:
-        for c in r.clients:
+        for c in r.clients:  # each client priced at its own batch (engine/budget.py)
             assert c.num_experts == sum(counts)
-            assert c.predicted_memory_bytes == int(need) <= c.budget_bytes
+            assert c.predicted_memory_bytes == int(run.plan.submodel_bytes(kept, client=c.client_id)) <= c.budget_bytes
     # clients keep the budgets drawn for the run's model; auto = the largest n that fits them all
     big = _cfg()
-    full = plan_memory(*_tiny_model(big), big, sorted(run.clients))
+    shapes = {cid: BatchShape(*s) for cid, s in _shapes(run).items()}
+    full = plan_memory(*_tiny_model(big), big, sorted(run.clients), shapes)
     assert full.table.budgets == run.plan.table.budgets
     assert resolve_num_experts(full, -1) == counts
-    assert full.submodel_bytes([list(range(n + 1)) for n in counts]) > min(full.table.budgets.values())
+    more = [list(range(n + 1)) for n in counts]
+    assert any(full.submodel_bytes(more, client=cid) > m for cid, m in full.table.budgets.items())
+
+
+def _shapes(run):
+    from fedmoe.engine.budget import client_batch_shapes
+
+    return {cid: (s.rows, s.seq_len, s.target_len)
+            for cid, s in client_batch_shapes(run.cfg, run.fed, run.kind, run.tokenizer).items()}
 
 
 def _tiny_model(cfg):
@@ -130,8 +139,8 @@ def test_model_too_large_fails_loudly_naming_client_bytes_and_budget(tmp_path):
 def test_exclude_unfit_skips_clients_and_records_them(tmp_path):
     run = Run(_cfg("algorithm=scaffold", "baseline.num_experts=0", "fedmoe.exclude_unfit=true"), tmp_path)
     strat = run.strategy
-    full = run.plan.full_bytes
-    assert strat.excluded and set(strat.excluded) == {c for c, b in run.plan.table.budgets.items() if b < full}
+    full = run.plan.table.full_bytes  # each client's price of the whole model
+    assert strat.excluded and set(strat.excluded) == {c for c, b in run.plan.table.budgets.items() if b < full(c)}
     assert set(strat.final_sets(run)) == set(run.clients) - set(strat.excluded)
     assert set(strat.server.c) == set(run.trainables.state)
     skipped = {}

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from fedmoe.algorithms.flex import is_personal
 from fedmoe.algorithms.hfedmoe import compute_budget
 from fedmoe.config import load_config
-from fedmoe.engine.budget import plan_memory
+from fedmoe.data.settings import build_federation
+from fedmoe.engine.budget import client_batch_shapes, plan_memory
 from fedmoe.engine.payload import to_bytes
 from fedmoe.engine.run import Run, run_experiment
 from fedmoe.engine.strategies.flex import CHOICE_KEY, FlexClientTrainables
@@ -27,6 +28,7 @@ from fedmoe.engine.trainables import _other_heads
 from fedmoe.moe.graft import side_parameters
 from fedmoe.moe.models import load_model
 from fedmoe.moe.slicing import extract
+from fedmoe.train.batching import model_kind
 from tests.conftest import REPO, SHARED_DATA
 
 PRESETS = ["standard-hetero-t", "standard-hetero-td", "enforced-hetero-t", "enforced-hetero-td"]
@@ -110,9 +112,10 @@ def _check_flex(out: Path) -> None:
 def _check_hfedmoe(out: Path) -> None:
     summary, recs = _outputs(out)
     cfg = _cfg("hfedmoe")
-    model, family, _ = load_model(cfg.model.name, cfg.seed, cfg.model.dtype)
-    table = plan_memory(model, family, cfg, list(range(cfg.setting.num_clients))).table
-    budgets = {cid: compute_budget(table.budgets[cid], table.dense_bytes, table.expert_bytes) for cid in table.budgets}
+    model, family, tok = load_model(cfg.model.name, cfg.seed, cfg.model.dtype)
+    shapes = client_batch_shapes(cfg, build_federation(cfg), model_kind(family.name), tok)  # each client's own batch
+    table = plan_memory(model, family, cfg, list(range(cfg.setting.num_clients)), shapes).table
+    budgets = {cid: compute_budget(table.budgets[cid], *table.costs(False, cid)) for cid in table.budgets}
     assert summary["hfedmoe_budgets"] == {str(k): v for k, v in budgets.items()}
     assert min(budgets.values()) < max(b.num_experts for b in family.blocks(model))  # the budget binds somewhere
     for r in recs:

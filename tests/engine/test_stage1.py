@@ -31,8 +31,8 @@ def _rounds(out):
 def test_every_memory_rich_client_reports_p_in_stage1(shared_data, tmp_path, preset):
     cfg = _cfg(shared_data, **{"setting.preset": f'"{preset}"', "setting.clients_per_round": 3,
                                "setting.budget_low": 0.7, "setting.budget_high": 1.6, "fedmoe.stage1_rounds": 1})
-    plan = Run(cfg, tmp_path / "plan").plan  # the oracle: budgets that hold the full MoE
-    rich = sorted(c for c, b in plan.table.budgets.items() if b >= plan.full_bytes)
+    plan = Run(cfg, tmp_path / "plan").plan  # the oracle: budgets that hold the full MoE at the client's own price
+    rich = sorted(c for c, b in plan.table.budgets.items() if b >= plan.table.full_bytes(c))
     assert len(rich) > 3  # more than one stage-1 round of clients (else the test shows nothing)
     run_experiment(cfg, tmp_path / "run")
     rounds = _rounds(tmp_path / "run")

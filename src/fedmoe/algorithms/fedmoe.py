@@ -30,7 +30,14 @@ ClientId = int
 
 @dataclass
 class MemoryTable:
-    """Additive training-memory model: ``dense_bytes + Σ expert_bytes[i, j]`` ≤ budget."""
+    """Additive training-memory model: ``dense_bytes + Σ expert_bytes[i, j]`` ≤ budget.
+
+    ``dense_bytes``/``expert_bytes`` are the costs at the run's longest batch (``data.max_seq_len``),
+    the scale the budgets are drawn on. ``per_client`` holds each client's own costs, at the batch
+    its data actually produces (its longest example, fewer rows when it has fewer examples); every
+    consumer prices a client with :meth:`costs` ``(…, client=cid)``, which falls back to the
+    run-wide costs for a client without an entry.
+    """
 
     dense_bytes: float
     expert_bytes: np.ndarray  #: [L, E] training bytes of each expert
@@ -39,12 +46,41 @@ class MemoryTable:
     #: that is an option per client (``train.gradient_checkpointing = "auto"``): the initial search then
     #: gives a client these costs when they buy it more experts (:func:`initial_expert_sets`)
     checkpointed: tuple[float, np.ndarray] | None = None
+    #: client → ``(dense_bytes, expert_bytes)`` at that client's own batch shape
+    per_client: dict[ClientId, tuple[float, np.ndarray]] = field(default_factory=dict)
+    #: client → its checkpointed costs (only with ``checkpointed``)
+    per_client_checkpointed: dict[ClientId, tuple[float, np.ndarray]] = field(default_factory=dict)
 
-    def costs(self, checkpointing: bool) -> tuple[float, np.ndarray]:
-        """``(dense_bytes, expert_bytes)`` of a client that trains with(out) gradient checkpointing."""
-        if checkpointing and self.checkpointed is not None:
+    def costs(self, checkpointing: bool, client: ClientId | None = None) -> tuple[float, np.ndarray]:
+        """``(dense_bytes, expert_bytes)`` of a client that trains with(out) gradient checkpointing:
+        the client's own costs when it has them (``client`` given), else the run-wide ones."""
+        ckpt = checkpointing and self.checkpointed is not None
+        own = self.per_client_checkpointed if ckpt else self.per_client
+        if client is not None and client in own:
+            return own[client]
+        if ckpt:
+            assert self.checkpointed is not None
             return self.checkpointed
         return self.dense_bytes, self.expert_bytes
+
+    def full_bytes(self, client: ClientId | None = None, checkpointing: bool = False) -> float:
+        """Training bytes of the whole MoE (every expert) for ``client`` (run-wide when None)."""
+        dense, eb = self.costs(checkpointing, client)
+        return float(dense + np.asarray(eb, dtype=np.float64).sum())
+
+    def restrict(self, counts: Sequence[int]) -> MemoryTable:
+        """The table of the model keeping the first ``counts[i]`` experts of each layer (budgets unchanged)."""
+
+        def cut(pair: tuple[float, np.ndarray]) -> tuple[float, np.ndarray]:
+            eb = np.zeros((len(counts), max(counts)), dtype=np.float64)
+            for i, n in enumerate(counts):
+                eb[i, :n] = np.asarray(pair[1], dtype=np.float64)[i, :n]
+            return float(pair[0]), eb
+
+        dense, eb = cut((self.dense_bytes, self.expert_bytes))
+        return MemoryTable(dense, eb, dict(self.budgets), cut(self.checkpointed) if self.checkpointed else None,
+                           {c: cut(v) for c, v in self.per_client.items()},
+                           {c: cut(v) for c, v in self.per_client_checkpointed.items()})
 
 
 @dataclass
@@ -157,7 +193,7 @@ def initial_expert_sets(
         found: dict[bool, tuple[float | None, ExpertSets, Any]] = {}
         error: BudgetError | None = None
         for ckpt in options:
-            dense, eb = memory.costs(ckpt)
+            dense, eb = memory.costs(ckpt, cid)
             rng = copy.deepcopy(random_init)  # both options draw from the same stream; the chosen one advances it
             try:
                 if rng is None:
@@ -291,7 +327,7 @@ def after_round(
         top = cosine_top_k(new.latest_p[cid], others, top_k)
         p_hat = estimate_p_hat(top, others)
         mean_count = float(np.mean([expert_count(before[a]) for a, _ in top]))
-        dense, eb = memory.costs(cid in new.checkpointing)
+        dense, eb = memory.costs(cid in new.checkpointing, cid)
         new_set, action = recommend(new.expert_sets[cid], p_hat, mean_count, eb, dense, memory.budgets[cid])
         action = {**action, "similar": top}
         ev = {"round": new.round, "client_id": cid, "kind": "adjust", **action}

@@ -112,7 +112,8 @@ def describe_command(config_path: str | None, overrides: list[str], attach_budge
     try:
         full = attach_budgets(cfg, fed)
         note = (f"budget = training memory the client may use ({cfg.model.name}, {cfg.train.finetune}; "
-                f"the full MoE needs {_bytes(full)}; setting.budget_low/high scale the experts' share)")
+                f"the full MoE needs {_bytes(full)} on train.batch_size rows of data.max_seq_len tokens, less on a "
+                f"client whose longest example is shorter; setting.budget_low/high scale the experts' share)")
     except FedMoEError as exc:  # the data are still worth describing
         note = f"budget: - (model {cfg.model.name} unavailable: {exc})"
     table = describe(cfg, fed)

@@ -3,12 +3,18 @@
 Each client's budget is ``M_k = mem(dense) + u_k · Σ_j mem(expert j)`` with ``u_k`` drawn
 uniformly in ``[setting.budget_low, setting.budget_high]`` (seeded), in training bytes under
 the configured fine-tuning mode (docs/algorithms.md §5.3: every client fits the dense part plus
-some experts; only clients with ``u_k ≥ 1`` fit the whole MoE). A client is "sufficient"
-for stage 1 when M_k ≥ the full-MoE cost.
+some experts; only clients with ``u_k ≥ 1`` fit the whole MoE). Budgets are drawn on the
+costs at the run's longest batch (``train.batch_size`` rows of ``data.max_seq_len`` tokens).
+
+A client is *priced* at its own largest batch (:func:`client_batch_shape`: its longest example
+as batching builds it, at most ``batch_size`` rows): short-text clients (AG News) cost less
+than the run-wide worst case. A client is "sufficient" for stage 1 when M_k ≥ the full MoE's
+cost at its own batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,57 +63,126 @@ def _unit_training_bytes(model: nn.Module, family: MoEFamily, batch_size: int, s
 RUNTIME_SLACK = 1.05
 
 
-def _checkpointing_saving(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig) -> tuple[float, np.ndarray]:
+def _checkpointing_saving(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig,
+                          shape: BatchShape | None = None) -> tuple[float, np.ndarray]:
     """Dense-part and per-expert bytes that ``train.gradient_checkpointing`` saves (same loss/optimiser as
-    :func:`fedmoe.moe.memory.unit_training_bytes` assumes)."""
+    :func:`fedmoe.moe.memory.unit_training_bytes` assumes), at ``shape`` (default: the run's longest batch)."""
     import torch
 
     from fedmoe.moe.memory import SMOOTHED_CE_LOSS
     from fedmoe.moe.memory.checkpointing import checkpointing_saving
 
-    return checkpointing_saving(model, cfg.train.batch_size, cfg.data.max_seq_len, cfg.train.finetune,
-                                cfg.train.lora_r, family, factors=SMOOTHED_CE_LOSS,
+    shape = shape or BatchShape.of_config(cfg)
+    return checkpointing_saving(model, shape.rows, shape.seq_len, cfg.train.finetune, cfg.train.lora_r, family,
+                                factors=SMOOTHED_CE_LOSS, target_len=shape.target_len,
                                 adam_impl="foreach" if torch.cuda.is_available() else "for-loop")
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """The largest training batch a client's turn builds: ``rows`` sequences of ``seq_len`` tokens
+    (``target_len``: decoder tokens of encoder-decoder models; ignored by the others)."""
+
+    rows: int
+    seq_len: int
+    target_len: int
+
+    @staticmethod
+    def of_config(cfg: ExperimentConfig) -> BatchShape:
+        """The run-wide worst case: ``train.batch_size`` rows at ``data.max_seq_len`` / ``max_target_len``."""
+        return BatchShape(cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.max_target_len)
+
+
+def client_batch_shape(cfg: ExperimentConfig, kind: str, task: Any, tokenizer: Any, train: Sequence[Any],
+                       chunk: int = 64) -> BatchShape:
+    """A client's largest training batch, from its own training examples: the longest one as
+    :func:`fedmoe.train.batching.collate` builds it (same formatting, truncation and special
+    tokens; a batch is padded to its longest row, so no batch is longer), at
+    ``min(train.batch_size, len(train))`` rows. Never above :meth:`BatchShape.of_config`.
+
+    Validation examples are not counted: validation runs without gradients, so its batches hold
+    no activations for backward and stay far below a training step's peak.
+    """
+    from fedmoe.train.batching import collate
+
+    worst = BatchShape.of_config(cfg)
+    examples = list(train)
+    if not examples:
+        return worst
+    seq = target = 1
+    for i in range(0, len(examples), chunk):
+        batch = collate(kind, task, examples[i : i + chunk], tokenizer, cfg.data.max_seq_len, cfg.data.max_target_len)
+        seq = max(seq, int(batch["input_ids"].shape[1]))
+        if kind == "seq2seq":
+            target = max(target, int(batch["labels"].shape[1]))
+    rows = min(cfg.train.batch_size, len(examples))
+    return BatchShape(rows, min(seq, worst.seq_len),
+                      min(target, worst.target_len) if kind == "seq2seq" else worst.target_len)
+
+
+def client_batch_shapes(cfg: ExperimentConfig, fed: Any, kind: str, tokenizer: Any) -> dict[int, BatchShape]:
+    """:func:`client_batch_shape` of every client of ``fed`` (a built federation)."""
+    return {c.client_id: client_batch_shape(cfg, kind, fed.tasks[c.task], tokenizer, c.train) for c in fed.clients}
 
 
 @dataclass
 class MemoryPlan:
     table: MemoryTable
-    full_bytes: float  #: training bytes of the full MoE
+    full_bytes: float  #: training bytes of the full MoE at the run's longest batch (the budgets' scale)
     num_experts: list[int]
 
-    def submodel_bytes(self, kept: list[list[int]], checkpointing: bool = False) -> float:
+    def submodel_bytes(self, kept: list[list[int]], checkpointing: bool = False, client: int | None = None) -> float:
         """Training bytes of a sub-MoE, with the checkpointed costs when ``checkpointing`` and the
-        plan has them (``train.gradient_checkpointing = "auto"``)."""
-        dense, eb = self.table.costs(checkpointing)
+        plan has them (``train.gradient_checkpointing = "auto"``), at ``client``'s own batch shape
+        when given (the run's longest batch otherwise)."""
+        dense, eb = self.table.costs(checkpointing, client)
         return dense + sum(float(eb[i, j]) for i, ids in enumerate(kept) for j in ids)
 
+    def client_full_bytes(self, client: int) -> float:
+        """Training bytes of the full MoE at ``client``'s own batch shape (stage 1's fit test)."""
+        return self.table.full_bytes(client)
 
-def plan_memory(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig, client_ids: list[int]) -> MemoryPlan:
+
+def _costs(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig,
+           shape: BatchShape) -> tuple[tuple[float, np.ndarray], tuple[float, np.ndarray] | None]:
+    """``(plain costs, checkpointed costs or None)`` at ``shape``, runtime slack included."""
     dense, experts = _unit_training_bytes(
-        model, family, batch_size=cfg.train.batch_size, seq_len=cfg.data.max_seq_len,
+        model, family, batch_size=shape.rows, seq_len=shape.seq_len,
         finetune=cfg.train.finetune, lora_r=cfg.train.lora_r,
-        target_len=cfg.data.max_target_len,  # encoder-decoder targets (decoder tokens); ignored otherwise
+        target_len=shape.target_len,  # encoder-decoder targets (decoder tokens); ignored otherwise
     )
     dense = float(dense) * RUNTIME_SLACK
     experts = np.asarray(experts, dtype=np.float64) * RUNTIME_SLACK
-    full = float(dense + experts.sum())
+    checkpointed = None
+    if cfg.train.gradient_checkpointing in (True, "auto"):  # budgets are the devices' memory; the costs drop
+        d_saving, e_saving = _checkpointing_saving(model, family, cfg, shape)
+        checkpointed = (float(dense - d_saving * RUNTIME_SLACK), experts - e_saving[:, :experts.shape[1]] * RUNTIME_SLACK)
+    return (dense, experts), checkpointed
+
+
+def plan_memory(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig, client_ids: list[int],
+                shapes: dict[int, BatchShape] | None = None) -> MemoryPlan:
+    """Budgets (drawn on the costs at the run's longest batch, :meth:`BatchShape.of_config`) and
+    costs: run-wide at that batch, and per client at ``shapes[cid]`` (:func:`client_batch_shapes`)
+    for the clients it names."""
+    (dense, experts), checkpointed = _costs(model, family, cfg, BatchShape.of_config(cfg))
     s = cfg.setting
     total_experts = float(experts.sum())
     budgets = draw_budgets(len(client_ids), dense + s.budget_low * total_experts,
                            dense + s.budget_high * total_experts, cfg.seed)
-    checkpointed = None
-    if cfg.train.gradient_checkpointing in (True, "auto"):  # budgets are the devices' memory; the costs drop
-        d_saving, e_saving = _checkpointing_saving(model, family, cfg)
-        checkpointed = (float(dense - d_saving * RUNTIME_SLACK), experts - e_saving[:, :experts.shape[1]] * RUNTIME_SLACK)
+    own: dict[BatchShape, tuple[tuple[float, np.ndarray], tuple[float, np.ndarray] | None]] = {}
+    for shape in sorted(set((shapes or {}).values()), key=lambda b: (b.rows, b.seq_len, b.target_len)):
+        own[shape] = _costs(model, family, cfg, shape)
+    per_client = {cid: own[shapes[cid]][0] for cid in client_ids if shapes and cid in shapes}
+    per_client_ckpt = {cid: own[shapes[cid]][1] for cid in per_client if own[shapes[cid]][1] is not None}
     if cfg.train.gradient_checkpointing is True:  # everyone trains with it
         (dense, experts), checkpointed = checkpointed, None
-        full = float(dense + experts.sum())
+        per_client, per_client_ckpt = per_client_ckpt, {}
     # "auto": the plain costs stay the table's; the search gives a client the checkpointed ones
     # when they buy it experts (fedmoe.algorithms.fedmoe.initial_expert_sets)
     table = MemoryTable(float(dense), experts, {cid: float(b) for cid, b in zip(client_ids, budgets, strict=True)},
-                        checkpointed)
-    return MemoryPlan(table, full, [b.num_experts for b in family.blocks(model)])
+                        checkpointed, per_client, per_client_ckpt)  # type: ignore[arg-type]
+    return MemoryPlan(table, table.full_bytes(), [b.num_experts for b in family.blocks(model)])
 
 
 def attach_budgets(cfg: ExperimentConfig, fed: Any) -> float:

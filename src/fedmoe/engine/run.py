@@ -18,7 +18,7 @@ import numpy as np
 
 from fedmoe.config import ExperimentConfig, dump_toml
 from fedmoe.data.settings import build_federation
-from fedmoe.engine.budget import MemoryPlan, plan_memory
+from fedmoe.engine.budget import MemoryPlan, client_batch_shapes, plan_memory
 from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedmoe.engine.client import ClientContext, evaluate_client
 from fedmoe.engine.faults import parse_faults
@@ -54,7 +54,8 @@ class Run:
         self.kind = model_kind(self.family.name)
         self.device = pick_device(cfg.engine.device)
         self.ctx = ClientContext(cfg, self.family, self.kind, self.tokenizer, self.device, self.fed.tasks)
-        self.plan: MemoryPlan = plan_memory(self.base, self.family, cfg, sorted(self.clients))
+        self.plan: MemoryPlan = plan_memory(self.base, self.family, cfg, sorted(self.clients),
+                                            client_batch_shapes(cfg, self.fed, self.kind, self.tokenizer))
         for c in self.fed.clients:
             c.budget_bytes = int(self.plan.table.budgets[c.client_id])
         self.use_model(self.base)

@@ -12,7 +12,8 @@ variates that travel both ways (:mod:`fedmoe.algorithms.scaffold`).
   itself. n = −1 (default): the largest n whose model fits every client's budget. Memory
   uses the run's additive table (:class:`fedmoe.engine.budget.MemoryPlan`) restricted to the
   kept experts, so a given sub-MoE costs the same bytes under every algorithm, and the
-  clients keep their budgets ``M_k``.
+  clients keep their budgets ``M_k``; each client is priced at its own largest batch
+  (:func:`fedmoe.engine.budget.client_batch_shape`).
 * **Budgets.** A client whose budget cannot hold the model (``submodel_bytes(all experts) >
   M_k``) stops the run with a :class:`~fedmoe.errors.BudgetError` naming the client, the
   bytes needed and its budget — unless ``fedmoe.exclude_unfit``: then it never takes part
@@ -31,12 +32,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedmoe.algorithms import fedavg, scaffold
-from fedmoe.algorithms.fedmoe import MemoryTable
 from fedmoe.core.aggregation import ClientUpdate
 from fedmoe.engine.budget import MemoryPlan
 from fedmoe.engine.client import ClientPlan, ClientReply
@@ -58,7 +57,8 @@ def resolve_num_experts(plan: MemoryPlan, requested: int) -> list[int]:
     """Experts per layer of the baselines' global model for ``baseline.num_experts = requested``.
 
     ``0`` → the model's own counts; ``n > 0`` → ``min(n, E_i)`` per layer; ``−1`` → the largest
-    n (≥ 1) such that ``dense + Σ_i Σ_{j < min(n, E_i)} mem(i, j) ≤ min_k M_k``, or 1 if none fits
+    n (≥ 1) such that ``dense_k + Σ_i Σ_{j < min(n, E_i)} mem_k(i, j) ≤ M_k`` for every client k (each
+    priced at its own batch), or 1 if none fits
     (the fit check then fails loudly or excludes).
     """
     counts = list(plan.num_experts)
@@ -69,15 +69,11 @@ def resolve_num_experts(plan: MemoryPlan, requested: int) -> list[int]:
     if requested != -1:
         raise ConfigError(f"baseline.num_experts = {requested} is invalid.",
                           "use n > 0 experts per layer, 0 for the run's model, or -1 for the largest that fits.")
-    smallest = min(plan.table.budgets.values())
     for n in range(max(counts), 0, -1):
-        if _model_bytes(plan, [min(n, e) for e in counts]) <= smallest:
+        kept = [list(range(min(n, e))) for e in counts]
+        if all(plan.submodel_bytes(kept, client=cid) <= m for cid, m in plan.table.budgets.items()):
             return [min(n, e) for e in counts]
     return [1] * len(counts)
-
-
-def _model_bytes(plan: MemoryPlan, counts: list[int]) -> float:
-    return plan.submodel_bytes([list(range(n)) for n in counts])
 
 
 def use_global_model(run: Run, model: nn.Module, counts: list[int]) -> None:
@@ -88,13 +84,8 @@ def use_global_model(run: Run, model: nn.Module, counts: list[int]) -> None:
     it), ``base_layout``, the base-weight caches, and ``plan``: the run's memory table
     restricted to the kept experts, with the clients' budgets unchanged.
     """
-    old = run.plan
-    width = max(counts)
-    eb = np.zeros((len(counts), width), dtype=np.float64)
-    for i, n in enumerate(counts):
-        eb[i, :n] = old.table.expert_bytes[i, :n]
-    table = MemoryTable(float(old.table.dense_bytes), eb, dict(old.table.budgets))
-    run.use_model(model, MemoryPlan(table, float(table.dense_bytes + eb.sum()), list(counts)))
+    table = run.plan.table.restrict(counts)  # every client's own costs, restricted too
+    run.use_model(model, MemoryPlan(table, table.full_bytes(), list(counts)))
 
 
 def client_keys(state: dict[str, torch.Tensor], task: str) -> list[str]:
@@ -113,11 +104,12 @@ class BaselineStrategy(Strategy):
             use_global_model(run, sub.model, counts)
         self.num_experts = counts
         self.full_sets = [list(range(n)) for n in counts]
-        need = run.plan.submodel_bytes(self.full_sets)
+        needs = {cid: run.plan.submodel_bytes(self.full_sets, client=cid) for cid in sorted(run.clients)}
         self.excluded: dict[int, str] = {}
         unfit = [(cid, run.plan.table.budgets[cid]) for cid in sorted(run.clients)
-                 if need > run.plan.table.budgets[cid]]
+                 if needs[cid] > run.plan.table.budgets[cid]]
         for cid, budget in unfit:
+            need = needs[cid]
             msg = (f"Client {cid} cannot hold the {self.name} global model ({sum(counts)} experts, "
                    f"{counts} per layer): it needs {need:.0f} training bytes, its budget is {budget:.0f} bytes.")
             if not run.cfg.fedmoe.exclude_unfit:
@@ -128,7 +120,8 @@ class BaselineStrategy(Strategy):
             self.excluded[cid] = msg
         self.members = [cid for cid in sorted(run.clients) if cid not in self.excluded]
         if not self.members:
-            raise BudgetError(f"No client can hold the {self.name} global model ({need:.0f} training bytes).",
+            raise BudgetError(f"No client can hold the {self.name} global model ({min(needs.values()):.0f} "
+                              "training bytes or more).",
                               "set baseline.num_experts to fewer experts per layer, or raise the budgets.")
         self.tasks = {cid: run.clients[cid].task for cid in run.clients}
 

@@ -49,13 +49,14 @@ class FedMoEStrategy(Strategy):
         return self._stage1_rounds(run) + run.cfg.fedmoe.rounds
 
     def _sufficient(self, run: Run) -> list[int]:
-        table = run.plan.table
-        sufficient = [cid for cid in sorted(self.info) if table.budgets[cid] >= run.plan.full_bytes]
+        table = run.plan.table  # each client's full MoE priced at its own batch (engine/budget.py)
+        sufficient = [cid for cid in sorted(self.info) if table.budgets[cid] >= table.full_bytes(cid)]
         if not sufficient:
+            short = max(self.info, key=lambda c: table.budgets[c] - table.full_bytes(c))
             raise ConfigError(
                 "No client's memory budget holds the full MoE for stage 1 "
-                f"(needs {run.plan.full_bytes / 2**20:.1f} MiB; largest budget "
-                f"{max(table.budgets.values()) / 2**20:.1f} MiB).",
+                f"(closest: client {short} needs {table.full_bytes(short) / 2**20:.1f} MiB, its budget is "
+                f"{table.budgets[short] / 2**20:.1f} MiB).",
                 "raise setting.budget_high above 1.0, or run the ablation with --set fedmoe.stage1=false.",
             )
         return sufficient

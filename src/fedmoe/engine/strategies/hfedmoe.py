@@ -128,7 +128,8 @@ class HFedMoEStrategy(Strategy):
         table = run.plan.table
         for cid in sorted(run.clients):
             try:
-                self.state.budgets[cid] = algo.compute_budget(table.budgets[cid], table.dense_bytes, table.expert_bytes,
+                dense, eb = table.costs(False, cid)  # priced at the client's own batch
+                self.state.budgets[cid] = algo.compute_budget(table.budgets[cid], dense, eb,
                                                               alpha=hc.alpha, client_id=cid)
             except BudgetError as err:
                 if not run.cfg.fedmoe.exclude_unfit:
