@@ -91,3 +91,25 @@ def test_report_shows_intervals_and_paired_differences(tmp_path: Path) -> None:
     assert data["best_baseline"]["tc"] == "fedprox"
     assert data["paired"]["random_moe"]["tc"]["mean"] == pytest.approx(statistics.mean(
         [f - r for f, r in zip(fm, rm, strict=True)]))
+
+
+def test_curve_bands_are_t_intervals_over_seeds(tmp_path: Path) -> None:
+    from fedmoe.report.load import find_run_dirs, group_runs, load_run
+    from fedmoe.report.power_section import curve_bands
+
+    et = "enforced-hetero-t"
+    vals = [[0.2, 0.6], [0.4, 0.5], [0.3, 0.9]]  # per seed: tc validation score in rounds 1 and 2
+    for k, v in enumerate(vals):
+        rounds = [(1.0, [("tc", v[0])]), (1.0, [("tc", v[1])] if k < 2 else [("rc", 0.1)])]
+        write_run(tmp_path / f"seed{k}", algorithm="fedmoe", setting=et, seed=k, scores={"tc": 0.5},
+                  rounds=rounds)
+    dirs, _ = find_run_dirs([tmp_path])
+    (g,), _ = group_runs([load_run(d) for d in dirs])
+    b = curve_bands(g)
+    r1 = [0.2, 0.4, 0.3]  # round 1: three seeds
+    h1 = T975[2] * statistics.stdev(r1) / math.sqrt(3)
+    r2 = [0.6, 0.5]  # round 2: two seeds have a TC point
+    h2 = T975[1] * statistics.stdev(r2) / math.sqrt(2)
+    assert b["tc"] == [(1, pytest.approx(0.3 - h1), pytest.approx(0.3 + h1)),
+                       (2, pytest.approx(0.55 - h2), pytest.approx(0.55 + h2))]
+    assert "rc" not in b  # one seed only: no band

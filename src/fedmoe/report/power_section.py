@@ -28,6 +28,22 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def curve_bands(g: Group) -> dict[str, list[tuple[int, float, float]]]:
+    """Per task, (round, low, high) of the 95 % t interval over seeds of the per-seed curve values
+    at each round where at least two seeds have a point (the band drawn around Fig. 4 curves)."""
+    per_seed = [M.task_curves(r.rounds) for r in g.runs]
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    for t in sorted({t for c in per_seed for t in c}):
+        by_round: dict[int, list[float]] = {}
+        for c in per_seed:
+            for rnd, v in c.get(t, []):
+                by_round.setdefault(rnd, []).append(v)
+        pts = [(rnd, P.t_interval(vs)) for rnd, vs in sorted(by_round.items()) if len(vs) >= 2]
+        if pts:
+            out[t] = [(rnd, iv.mean - iv.half, iv.mean + iv.half) for rnd, iv in pts]
+    return out
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return out + ["| " + " | ".join(r) + " |" for r in rows]
