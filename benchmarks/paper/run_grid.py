@@ -38,7 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-PRESETS = ("cpu", "gpu")
+PRESETS = ("cpu", "gpu", "standin")
 SETTINGS = ("standard-hetero-t", "standard-hetero-td", "enforced-hetero-t", "enforced-hetero-td")
 METHODS = ("fedmoe", "random_moe", "fedprox", "scaffold", "fedavg", "hfedmoe", "flex")
 #: ablation variant → (algorithm, extra overrides) (paper Table 2)
@@ -71,9 +71,13 @@ class Cell:
 
 
 def grid(preset: str, seeds: list[int], settings: list[str] | tuple[str, ...] = SETTINGS,
-         methods: list[str] | tuple[str, ...] = METHODS, ablation: bool = True) -> list[Cell]:
-    """All cells in a fixed order: seed, then setting, then method (ablation variants last)."""
+         methods: list[str] | tuple[str, ...] = METHODS, ablation: bool = True, order: str = "seed") -> list[Cell]:
+    """All cells in a fixed order: seed, then setting, then method (ablation variants last);
+    ``order="setting"``: setting (in the order given), then seed, then method, so a setting's
+    seeds finish one whole seed (every method) at a time."""
     variants = list(methods) + ([m for m in ABLATIONS if m not in methods] if ablation else [])
+    if order == "setting":
+        return [Cell(preset, s, m, k) for s in settings for k in seeds for m in variants]
     return [Cell(preset, s, m, k) for k in seeds for s in settings for m in variants]
 
 
@@ -92,11 +96,14 @@ def _mix(cell: Cell) -> str:
     return hashlib.sha1(f"{cell.setting}/{cell.method}/{cell.seed}".encode()).hexdigest()
 
 
-def select_part(cells: list[Cell], k: int, n: int) -> list[Cell]:
+def select_part(cells: list[Cell], k: int, n: int, interleave: bool = False) -> list[Cell]:
     """Part k (1-based) of n: every n-th cell of the grid in a fixed pseudo-random order (a hash
     of setting/method/seed), so parts are disjoint, cover the grid and mix cheap and expensive
     methods; within a part the grid order is kept. Every part must be given the same grid
-    arguments (seeds, settings, methods)."""
+    arguments (seeds, settings, methods). ``interleave``: every n-th cell of the grid order
+    itself, so parallel parts walk the grid side by side (whole seeds finish together)."""
+    if interleave:
+        return cells[k - 1::n]
     mixed = sorted(cells, key=_mix)
     chosen = set(mixed[k - 1::n])
     return [c for c in cells if c in chosen]
@@ -137,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated algorithms")
+    ap.add_argument("--order", choices=("seed", "setting"), default="seed",
+                    help="seed: seed-major, parts mixed by a hash (default); setting: setting-major (in --settings "
+                         "order), then seed, then method, parts interleaved so whole seeds finish together")
     ap.add_argument("--no-ablation", action="store_true", help="leave out the FedMoE ablation variants")
     ap.add_argument("--root", type=Path, default=Path("runs/paper"), help="output root, relative to the repository "
                     "(default runs/paper)")
@@ -150,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in settings if s not in SETTINGS] + [m for m in methods if m not in METHODS and m not in ABLATIONS]
     if bad:
         ap.error(f"unknown setting/method {bad}; settings: {', '.join(SETTINGS)}; methods: {', '.join(METHODS)}")
-    cells = select_part(grid(args.preset, seeds, settings, methods, not args.no_ablation), *args.part)
+    cells = select_part(grid(args.preset, seeds, settings, methods, not args.no_ablation, args.order), *args.part,
+                        interleave=args.order == "setting")
     root: Path = args.root if args.root.is_absolute() else REPO / args.root
     log = root / args.preset / "grid_log.jsonl"
     failed: list[Cell] = []

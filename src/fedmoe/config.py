@@ -54,6 +54,8 @@ class DataConfig:
     #: "validation"}``; a task left out takes its default); "" = test for TC/TS, validation for RC
     #: (the splits the shared data holds)
     hub_split: str | dict[str, str] = ""
+    #: text file of example ids (one per line) left out of every client's data; "" = none
+    exclude_ids: str = ""
 
 
 @dataclass

@@ -84,3 +84,15 @@ def test_branch_routing_is_restricted_to_the_source_experts():
     assert (stats.counts.sum(0) > 0)[1:n_exp - 1].any()  # released: other experts are used again
     assert restrict.terms == []
     json.dumps(bs.parse([]).__dict__)  # defaults are plain values (they key the cache folder)
+
+
+def test_heldout_ids_file_matches_the_rule(common):
+    """The committed data.exclude_ids file of the standin grid is exactly the stand-in corpus rows."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("real data not found")
+    import heldout_ids
+
+    lines = heldout_ids.OUT.read_text(encoding="utf-8").splitlines()
+    ids = [ln for ln in lines if ln and not ln.startswith("#")]
+    want = [e.id for t in ("tc", "rc", "ts") for e in common.split_task(str(SHARED_DATA), t)[0]]
+    assert ids == want and len(ids) == 1181 + 2337 + 482

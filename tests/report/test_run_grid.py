@@ -30,7 +30,7 @@ def test_grid_parts_are_disjoint_and_cover(rg):
     assert all(len({c.method for c in p}) > 1 for p in parts)  # methods mixed, not one per part
 
 
-@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+@pytest.mark.parametrize("preset", ["cpu", "gpu", "standin"])
 def test_every_cell_command_is_a_valid_config(rg, preset, tmp_path):
     for cell in rg.grid(preset, [0, 3]):
         cmd = rg.command(cell, tmp_path, ["train.max_local_steps=1"])
@@ -56,3 +56,34 @@ def test_finished_cells_are_skipped(rg, tmp_path, capsys):
                   "--root", str(tmp_path), "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0 and "1 done, 1 to run" in out and "fedmoe/seed0 (resumable)" in out and "fedavg/seed0" not in out
+
+
+def test_setting_major_order_interleaves_parts_by_whole_seeds(rg):
+    cells = rg.grid("standin", [0, 1, 2], settings=["enforced-hetero-t", "standard-hetero-td"],
+                    methods=["fedmoe", "random_moe", "fedprox"], order="setting")
+    assert len(cells) == 2 * 3 * 5
+    assert [(c.setting, c.seed) for c in cells[:15]] == [("enforced-hetero-t", k) for k in range(3) for _ in range(5)]
+    assert [c.method for c in cells[:5]] == ["fedmoe", "random_moe", "fedprox", "fedmoe-no-stage1", "fedmoe-no-stage2"]
+    p1, p2 = (rg.select_part(cells, k, 2, interleave=True) for k in (1, 2))
+    assert p1 == cells[0::2] and p2 == cells[1::2] and not set(p1) & set(p2)
+    # by the time both parts have run their first 5 cells, seeds 0 and 1 are complete
+    assert {c.seed for c in p1[:5] + p2[:5]} == {0, 1} and len(p1[:5] + p2[:5]) == 10
+
+
+def test_collect_keeps_only_small_outputs_of_finished_cells(tmp_path):
+    spec = importlib.util.spec_from_file_location("collect", REPO / "benchmarks" / "paper" / "collect.py")
+    col = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(col)
+    src, dst = tmp_path / "runs", tmp_path / "docs"
+    done, running = src / "enforced-hetero-t" / "fedmoe" / "seed0", src / "enforced-hetero-t" / "fedprox" / "seed0"
+    for d in (done, running):
+        d.mkdir(parents=True)
+        for name in ("rounds.jsonl", "config.toml", "predictions.jsonl"):
+            (d / name).write_text(name)
+    (done / "summary.json").write_text("{}")
+    (done / "checkpoints").mkdir()
+    (src / "grid_log.jsonl").write_text("{}\n")
+    assert col.collect(src, dst) == [dst / "enforced-hetero-t" / "fedmoe" / "seed0"]
+    got = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert got == ["enforced-hetero-t/fedmoe/seed0/config.toml", "enforced-hetero-t/fedmoe/seed0/rounds.jsonl",
+                   "enforced-hetero-t/fedmoe/seed0/summary.json", "grid_log.jsonl"]

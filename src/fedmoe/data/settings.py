@@ -37,7 +37,7 @@ from fedmoe.data.partition import (
     split_share,
 )
 from fedmoe.data.samplers import Sampler, make_sampler
-from fedmoe.data.source import cap_examples, load_examples
+from fedmoe.data.source import cap_examples, exclude_examples, load_examples, read_excluded_ids
 from fedmoe.data.tasks import TASK_TYPES, Task, get_task, label_names_of
 from fedmoe.errors import ConfigError, DataError
 
@@ -170,8 +170,10 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
     clients: dict[int, ClientData] = {}
     tasks: dict[str, Task] = {}
     group_names: dict[str, tuple[str, ...]] = {}
+    excluded = read_excluded_ids(data.exclude_ids) if data.exclude_ids else frozenset()
     for task in data.tasks:
-        examples = cap_examples(load_examples(data, task), data.max_examples_per_task, cfg.seed, task)
+        pool = exclude_examples(load_examples(data, task), excluded)
+        examples = cap_examples(pool, data.max_examples_per_task, cfg.seed, task)
         ids = [c for c, t in enumerate(client_tasks) if t == task]
         if len(examples) < need * len(ids):
             raise DataError(

@@ -16,7 +16,7 @@ from fedmoe.data.examples import Example
 from fedmoe.data.hub import hub_split_for, load_hub
 from fedmoe.data.loaders import load_local, screen, task_dir
 from fedmoe.data.partition import rng_for
-from fedmoe.errors import ConfigError, DataNotice
+from fedmoe.errors import ConfigError, DataError, DataNotice
 
 _CACHE: dict[tuple[object, ...], tuple[Example, ...]] = {}
 #: task → (rows dropped by :func:`~fedmoe.data.loaders.screen`, why) of the latest load
@@ -66,3 +66,23 @@ def cap_examples(examples: Sequence[Example], max_examples: int, seed: int, task
         return list(examples)
     keep = sorted(rng_for(seed, "cap", task).choice(len(examples), size=max_examples, replace=False).tolist())
     return [examples[i] for i in keep]
+
+
+def read_excluded_ids(path: str) -> frozenset[str]:
+    """The ids listed in ``data.exclude_ids`` (plain text, one id per line; blank lines and lines
+    starting with ``#`` are skipped). Read as text only, never executed."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"data.exclude_ids file {path!r} does not exist.",
+                        "give a text file of example ids, one per line, or remove data.exclude_ids.")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"data.exclude_ids file {path!r} cannot be read as UTF-8 text ({exc}).",
+                        "give a text file of example ids, one per line.") from None
+    return frozenset(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+
+
+def exclude_examples(examples: Sequence[Example], excluded: frozenset[str]) -> list[Example]:
+    """``examples`` without those whose id is in ``excluded`` (order kept)."""
+    return [ex for ex in examples if ex.id not in excluded] if excluded else list(examples)

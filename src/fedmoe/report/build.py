@@ -30,6 +30,7 @@ from fedmoe.report.load import (
     setting_order,
     setting_title,
 )
+from fedmoe.report.power_section import curve_bands, power_section
 
 TASK_ORDER = ("tc", "rc", "ts")
 LEVELS = (0.9, 0.99)
@@ -206,6 +207,10 @@ def _section(model: str, groups: list[Group], tasks: list[str], out: Path, fig_d
         md += [f"## Table 2 — ablation{title_suffix}", "",
                "No ablation runs (`fedmoe.stage1=false` / `fedmoe.stage2_adjust=false`) among the inputs.", ""]
 
+    # confidence intervals, paired differences, actions, per-client comm./mem. ------------------
+    sec, data["power"] = power_section(groups, tasks, reference, title_suffix)
+    md += sec
+
     # convergence --------------------------------------------------------------------------
     md += [f"## Convergence{title_suffix}", "",
            "Per-round validation score = unweighted mean over the task's clients sampled in that round "
@@ -291,9 +296,10 @@ def _section(model: str, groups: list[Group], tasks: list[str], out: Path, fig_d
     else:
         for s in settings:
             curves = {method_title(m): c for m, c in sorted(curves_by_setting[s].items(), key=lambda kv: method_order(kv[0]))}
+            bands = {method_title(g.method): curve_bands(g) for g in groups if g.setting == s}
             path = plot_curves(curves, tasks, fig_dir / f"fig4_{slug}{s}.png",
-                               f"Validation score vs round — {setting_title(s)}",
-                               dashed=[method_title(m) for m in curves_by_setting[s] if not _is_table1(m)])
+                               f"Validation score vs round — {setting_title(s)} (bands: 95 % t interval over seeds)",
+                               dashed=[method_title(m) for m in curves_by_setting[s] if not _is_table1(m)], bands=bands)
             made.append(path)
             md += [f"Figure 4-style, {setting_title(s)}:", "", f"![score vs round]({path.relative_to(out).as_posix()})", ""]
         missing = []

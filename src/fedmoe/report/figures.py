@@ -40,8 +40,10 @@ def _locator():
 
 
 def plot_curves(curves: Mapping[str, Mapping[str, Curve]], tasks: Sequence[str], path: Path, title: str,
-                dashed: Sequence[str] = ()) -> Path:
-    """Score-vs-round curves: ``curves[method_title][task]``; methods in ``dashed`` are dashed."""
+                dashed: Sequence[str] = (),
+                bands: Mapping[str, Mapping[str, Sequence[tuple[int, float, float]]]] | None = None) -> Path:
+    """Score-vs-round curves: ``curves[method_title][task]``; methods in ``dashed`` are dashed;
+    ``bands[method_title][task]`` = (round, low, high) points drawn as a shaded interval."""
     plt = _pyplot()
     MaxNLocator = _locator()  # noqa: N806
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
@@ -54,8 +56,13 @@ def plot_curves(curves: Mapping[str, Mapping[str, Curve]], tasks: Sequence[str],
             curve = by_task.get(task, [])
             if curve:
                 xs, ys = zip(*curve, strict=True)
-                ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, linewidth=1.4, label=method,
-                        linestyle="--" if method in dashed else "-")
+                line = ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, linewidth=1.4, label=method,
+                               linestyle="--" if method in dashed else "-")[0]
+                band = (bands or {}).get(method, {}).get(task, [])
+                if band:
+                    bx, lo, hi = zip(*band, strict=True)
+                    ax.fill_between(bx, [100 * v for v in lo], [100 * v for v in hi], color=line.get_color(),
+                                    alpha=0.15, linewidth=0)
         ax.set_title(TASK_TITLE.get(task, task))
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
