@@ -26,14 +26,17 @@ import sys
 import time
 from pathlib import Path
 
-import fedmoe  # noqa: F401  (process policy before torch)
+import fedmoe
+
+fedmoe.apply_process_policy()  # the CLI's thread/allocator policy, before torch
 
 # isort: split
-import torch
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks" / "models"))
-from lora_step import ALPHA, R, Variant, _batch, _dense_lora  # noqa: E402
+from common import random_batch  # noqa: E402
+from lora_step import ALPHA, R, Variant, _dense_lora  # noqa: E402
 
 from fedmoe.moe.lora import apply_lora  # noqa: E402
 
@@ -57,7 +60,7 @@ def models(tiny: bool):
 def step_check(tiny: bool, device: torch.device, batch: int, seq: int, steps: int) -> dict:
     dense, moe = models(tiny)
     vocab = moe.config.vocab_size
-    data = _batch(vocab, batch, seq, seed=2)
+    data = random_batch(vocab, batch, seq, seed=2)
     predicted = {}
     if device.type == "cuda":
         from fedmoe.moe.memory import estimate_for_model

@@ -29,11 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-import fedmoe  # noqa: F401  (process policy before torch: see fedmoe/__init__.py)
+import fedmoe
+
+fedmoe.apply_process_policy()  # the CLI's thread/allocator policy, before torch
 
 # isort: split
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_avg, machine, md_table, write_section  # noqa: E402
