@@ -16,7 +16,7 @@ machine's load affects them alike:
   for aggregation the same float64 weighted sum done on flat buffers (the arithmetic alone).
 
 Usage: ``python benchmarks/system/throughput.py [--reps 5] [--clients 3] [--keep 8] [--threads 1]``.
-Importing :mod:`fedmoe` first applies the project's process policy (transparent huge pages for
+Calling :func:`fedmoe.apply_process_policy` first applies the project's process policy (transparent huge pages for
 large CPU tensors, passive OpenMP waits), as the ``fedmoe`` CLI does.
 """
 
