@@ -148,3 +148,20 @@ def test_experts_forward_and_grads_match_a_naive_loop(k):
     for a, b in zip(grads, refs, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     assert grads[1][4].abs().sum() == 0
+
+
+def test_local_folder_given_with_tilde_loads_its_own_tokenizer(tmp_path, monkeypatch):
+    """`model.name = "~/…"`: the folder's saved WordPiece tokenizer is used, not the char-level
+    fallback (the stand-in's TC collapse, docs/results.md, came from exactly that fallback)."""
+    from transformers import BertTokenizerFast
+
+    from fedmoe.moe.models import load_model
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "wall", "street", "bears", "claw", "back"]
+    folder = tmp_path / "home" / "standin"
+    _tiny(seed=2).save_pretrained(folder)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _, _, tok = load_model("~/standin")
+    # [CLS] wall street bears claw back [SEP], by the vocabulary written above (one id per word)
+    assert tok("Wall Street bears claw back")["input_ids"] == [2, 5, 6, 7, 8, 9, 3]

@@ -70,8 +70,9 @@ def load_model(name: str, seed: int = 0, dtype: str = "float32") -> tuple[nn.Mod
     if sub is not None:
         return sub.model, family_for_model_type(sub.model.config.model_type), _byte_tokenizer(sub.model)
     model, family = _from_pretrained(name, torch_dtype)
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(name)
+    try:  # a local folder's tokenizer is read from the expanded path, as its weights are ("~/…")
+        local = Path(name).expanduser()
+        tok = transformers.AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name)
     except (OSError, ValueError):
         tok = _byte_tokenizer(model)
     return model, family, tok
