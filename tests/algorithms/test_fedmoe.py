@@ -16,6 +16,7 @@ from fedmoe.algorithms.fedmoe import (
     MemoryTable,
     after_round,
     expert_count_stats,
+    final_expert_sets,
     initial_expert_sets,
     predict_p,
 )
@@ -114,6 +115,18 @@ def test_improving_change_is_kept() -> None:
     st, events = run(st, mem, [0.45])
     assert events[0]["kind"] == "keep" and st.expert_sets[0] == [[0, 2], [0, 2]]
     assert 0 not in st.frozen and 0 not in st.pending and st.stale[0] == 0
+
+
+def test_final_sets_leave_out_an_unjudged_change() -> None:
+    st, mem = stage2_state()
+    before = {c: s for c, s in st.expert_sets.items()}
+    st, _ = run(st, mem, [0.5, 0.4, 0.4])  # a change made at client 0's last participation
+    assert st.expert_sets[0] == [[0, 2], [0, 2]] and 0 in st.pending
+    final = final_expert_sets(st)
+    assert final[0] == [[0], [0]] == before[0]  # never trained nor judged: the judged set is the model
+    assert {c: s for c, s in final.items() if c != 0} == {c: s for c, s in st.expert_sets.items() if c != 0}
+    st, _ = run(st, mem, [0.45])  # judged and kept: now it is the model
+    assert final_expert_sets(st)[0] == [[0, 2], [0, 2]]
 
 
 def test_non_improving_change_reverts_and_freezes() -> None:

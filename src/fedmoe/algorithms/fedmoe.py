@@ -348,6 +348,16 @@ def after_round(
     return new, events
 
 
+def final_expert_sets(state: FedMoEServerState) -> dict[ClientId, ExpertSets]:
+    """Each client's sub-MoE for the final model (test evaluation, export): its current set, except
+    that a change still *pending* (made at the client's last participation and never judged at a
+    later one) is left out and the set before it kept (choice: an exploratory change is part of
+    the model only once its next participation has kept it; an unjudged change was never trained
+    on the client and never compared with the score before it)."""
+    return {cid: (state.pending[cid].previous_set if cid in state.pending else sets)
+            for cid, sets in sorted(state.expert_sets.items())}
+
+
 def expert_count_stats(state: FedMoEServerState) -> dict[str, float]:
     """Mean / min / max expert count over clients (paper's "expert numbers" metric)."""
     counts = [expert_count(s) for s in state.expert_sets.values()]

@@ -133,7 +133,7 @@ class FedMoEStrategy(Strategy):
                 "FedMoE's stage 1 never got a memory-rich client's p: every stage-1 turn failed.",
                 f"see {run.out / 'rounds.jsonl'} and client_errors.log; fix the cause and continue with "
                 f"`fedmoe run --resume {run.out}` (stage 1 is repeated).")
-        return dict(sorted(self.state.expert_sets.items()))
+        return algo.final_expert_sets(self.state)
 
     def summary_extras(self) -> dict[str, Any]:
         return {
