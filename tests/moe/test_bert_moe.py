@@ -165,3 +165,23 @@ def test_local_folder_given_with_tilde_loads_its_own_tokenizer(tmp_path, monkeyp
     _, _, tok = load_model("~/standin")
     # [CLS] wall street bears claw back [SEP], by the vocabulary written above (one id per word)
     assert tok("Wall Street bears claw back")["input_ids"] == [2, 5, 6, 7, 8, 9, 3]
+
+
+def test_local_folder_without_tokenizer_says_so_in_one_note(tmp_path):
+    """No tokenizer files beside the weights: the byte-level test tokenizer is used, announced by one
+    DataNotice (the CLI's `note:` line), never silently."""
+    import warnings
+
+    from fedmoe.errors import DataNotice
+    from fedmoe.moe.models import load_model
+    from fedmoe.moe.tokenizer import char_wordpiece_tokenizer
+
+    folder = tmp_path / "weights-only"
+    _tiny(seed=2).save_pretrained(folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, tok = load_model(str(folder))
+    notes = [w for w in caught if issubclass(w.category, DataNotice)]
+    assert len(notes) == 1 and str(folder) in str(notes[0].message) and "byte-level" in str(notes[0].message)
+    text = "wall street"
+    assert tok(text)["input_ids"] == char_wordpiece_tokenizer(tok.vocab_size)(text)["input_ids"]

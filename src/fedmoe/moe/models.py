@@ -8,6 +8,7 @@ when they are in the local Hugging Face cache.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 import transformers
 from torch import nn
 
-from fedmoe.errors import ModelError
+from fedmoe.errors import DataNotice, ModelError
 from fedmoe.moe.families import FAMILIES, MoEFamily, family_for_model_type, supported
 
 TINY_PREFIX = "tiny-"
@@ -68,14 +69,26 @@ def load_model(name: str, seed: int = 0, dtype: str = "float32") -> tuple[nn.Mod
         return model.to(torch_dtype), family_for_model_type(model.config.model_type), tok or _byte_tokenizer(model)
     sub = _saved_sub_moe(name, torch_dtype)
     if sub is not None:
-        return sub.model, family_for_model_type(sub.model.config.model_type), _byte_tokenizer(sub.model)
+        return sub.model, family_for_model_type(sub.model.config.model_type), _saved_tokenizer(name, sub.model)
     model, family = _from_pretrained(name, torch_dtype)
-    try:  # a local folder's tokenizer is read from the expanded path, as its weights are ("~/…")
-        local = Path(name).expanduser()
-        tok = transformers.AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name)
-    except (OSError, ValueError):
-        tok = _byte_tokenizer(model)
-    return model, family, tok
+    return model, family, _saved_tokenizer(name, model)
+
+
+def _saved_tokenizer(name: str, model: nn.Module) -> Any:
+    """The tokenizer saved with a local folder (read from the expanded path, as its weights are:
+    ``~/…``) or a cached hub model; when there is none, the byte-level test tokenizer, announced
+    by one ``note:`` line (:class:`~fedmoe.errors.DataNotice`), never silently: a pretrained model
+    fed the wrong tokenizer trains at chance level (docs/results.md, the stand-in's TC collapse)."""
+    local = Path(name).expanduser()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        warnings.warn(DataNotice(
+            f"{name}: no tokenizer could be read ({why}); using the byte-level test tokenizer (vocabulary "
+            f"{model.config.vocab_size}). For real text save the model's tokenizer beside its weights "
+            "(tokenizer.save_pretrained(folder))."), stacklevel=3)
+        return _byte_tokenizer(model)
 
 
 def _byte_tokenizer(model: nn.Module) -> Any:
