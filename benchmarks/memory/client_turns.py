@@ -31,6 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -44,6 +45,18 @@ def _sizes(name: str) -> list[tuple[int, int]]:
     return SIZES["minilm" if name.startswith("minilm") else "smollm2" if name.startswith("smollm2") else "tiny"]
 
 
+def turn_config(name: str, b: int, s: int, data_dir: str, steps: int = 0, dtype: str = "float32") -> Any:
+    """The benchmark's run configuration for ``name`` at ``b`` rows × ``s`` tokens."""
+    from fedmoe.config import load_config
+
+    return load_config(REPO / "configs" / "quickstart.toml", [
+        f'data.data_dir="{data_dir}"', f'model.name="{name}"', "data.max_examples_per_task=96",
+        f"data.max_seq_len={s}", "data.max_target_len=16", f"train.batch_size={b}", f"train.max_local_steps={steps}",
+        "train.eval_batch_size=8", "engine.measure_memory=true", "setting.num_clients=3",
+        'setting.preset="standard-hetero-t"', "federation.clients_per_round=3", f'model.dtype="{dtype}"',
+    ])
+
+
 def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int,
                 sizes: list[str] | None = None, dtype: str = "float32") -> list[dict]:
     import json
@@ -51,7 +64,6 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
     import torch
 
     import fedmoe.train.loop as loop
-    from fedmoe.config import load_config
     from fedmoe.engine.budget import RUNTIME_SLACK, _unit_training_bytes
     from fedmoe.engine.run import Run
 
@@ -72,12 +84,7 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
     for b, s in _sizes(name):
         if sizes and f"{b}x{s}" not in sizes:
             continue
-        cfg = load_config(REPO / "configs" / "quickstart.toml", [
-            f'data.data_dir="{data_dir}"', f'model.name="{name}"', "data.max_examples_per_task=96",
-            f"data.max_seq_len={s}", "data.max_target_len=16", f"train.batch_size={b}", f"train.max_local_steps={steps}",
-            "train.eval_batch_size=8", "engine.measure_memory=true", "setting.num_clients=3",
-            'setting.preset="standard-hetero-t"', "federation.clients_per_round=3", f'model.dtype="{dtype}"',
-        ])
+        cfg = turn_config(name, b, s, data_dir, steps, dtype)
         out = Path(tmp) / f"{name}-{b}x{s}"
         out.mkdir(parents=True)
         run = Run(cfg, out)
