@@ -39,8 +39,8 @@ def parse_rows(text: str) -> list[dict]:
 def reprice(rows: list[dict], data_dir: str) -> None:
     """Set ``row["predicted"]`` (MiB) from the current memory model."""
     import torch
-
     from client_turns import turn_config
+
     from fedmoe.engine.run import Run
 
     torch.set_num_threads(1)

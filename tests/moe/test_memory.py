@@ -265,3 +265,21 @@ def test_estimate_is_within_20_percent_of_the_measured_peak():
               for (key, ft, predicted), m in zip(cases, measured, strict=True)]
     for key, ft, pred, meas, ratio in report:
         assert 0.8 <= ratio <= 1.2, f"{key} {ft}: predicted {pred} MiB, measured {meas} MiB ({ratio}); all: {report}"
+
+
+def test_smoothed_ce_copies_are_charged_on_supervised_tokens_only():
+    """Causal LMs supervise at most ``target_len`` tokens per row: the smoothed loss's masked copies
+    (``loss_supervised``) shrink to those; transformers' own log-softmax stays on every token."""
+    from fedmoe.moe.memory import SMOOTHED_CE_LOSS, memory_model_for
+    from fedmoe.moe.meta import load_shapes
+
+    model, family = load_shapes("tiny-mixtral", "float32")
+    b, s, t = 4, 32, 5
+    full = memory_model_for(model, b, s, "lora", 8, family, factors=SMOOTHED_CE_LOSS)
+    part = memory_model_for(model, b, s, "lora", 8, family, factors=SMOOTHED_CE_LOSS, target_len=t)
+    assert (full.supervised_tokens(), part.supervised_tokens()) == (b * s, b * t)
+    vocab = full.shape.vocab
+    diff = full.activation_terms()["head"] - part.activation_terms()["head"]
+    assert diff == (b * s - b * t) * vocab * 4 * 1.5
+    assert {k: v for k, v in full.activation_terms().items() if k != "head"} == \
+        {k: v for k, v in part.activation_terms().items() if k != "head"}
