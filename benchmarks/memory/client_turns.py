@@ -7,7 +7,9 @@ training, validation) with ``engine.measure_memory`` on. *predicted* is what the
 sub-MoE at (``run.plan.submodel_bytes``); *measured* is the turn's ``peak_memory_bytes`` on
 the basis budgets are stated in (docs/memory.md: the sub-MoE's weights + the peak the turn adds
 to its process; CPU: VmHWM, large allocations mmapped). Each model runs in a fresh process
-with one unrecorded warm-up turn first (lazy imports, kernel and thread-pool set-up).
+with one unrecorded warm-up turn first (lazy imports, kernel and thread-pool set-up);
+since a turn's peak depends on what its process ran before, each (model, size) runs in its own
+fresh process.
 
 Batches are padded to their longest row (``fedmoe.train.batching``), so a turn's activations
 follow the longest *training batch it ran*, not ``data.max_seq_len``. The table also records
@@ -17,7 +19,7 @@ that length (*S used*: the widest collated training batch of the turn, decoder t
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory/client_turns.py          # all models
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory/client_turns.py --models minilm-moe-4e
-    ... --jobs 2      # models in parallel (each in its own fresh process)
+    ... --jobs 2      # (model, size) pairs in parallel (each in its own fresh process)
 
 Writes ``benchmarks/memory/client_turns.md`` (``--out`` to change).
 """
@@ -31,6 +33,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -44,6 +47,18 @@ def _sizes(name: str) -> list[tuple[int, int]]:
     return SIZES["minilm" if name.startswith("minilm") else "smollm2" if name.startswith("smollm2") else "tiny"]
 
 
+def turn_config(name: str, b: int, s: int, data_dir: str, steps: int = 0, dtype: str = "float32") -> Any:
+    """The benchmark's run configuration for ``name`` at ``b`` rows × ``s`` tokens."""
+    from fedmoe.config import load_config
+
+    return load_config(REPO / "configs" / "quickstart.toml", [
+        f'data.data_dir="{data_dir}"', f'model.name="{name}"', "data.max_examples_per_task=96",
+        f"data.max_seq_len={s}", "data.max_target_len=16", f"train.batch_size={b}", f"train.max_local_steps={steps}",
+        "train.eval_batch_size=8", "engine.measure_memory=true", "setting.num_clients=3",
+        'setting.preset="standard-hetero-t"', "federation.clients_per_round=3", f'model.dtype="{dtype}"',
+    ])
+
+
 def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int,
                 sizes: list[str] | None = None, dtype: str = "float32") -> list[dict]:
     import json
@@ -51,8 +66,7 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
     import torch
 
     import fedmoe.train.loop as loop
-    from fedmoe.config import load_config
-    from fedmoe.engine.budget import RUNTIME_SLACK, _unit_training_bytes
+    from fedmoe.engine.budget import RUNTIME_FIXED_BYTES, RUNTIME_SLACK, _unit_training_bytes
     from fedmoe.engine.run import Run
 
     torch.set_num_threads(1)
@@ -72,12 +86,7 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
     for b, s in _sizes(name):
         if sizes and f"{b}x{s}" not in sizes:
             continue
-        cfg = load_config(REPO / "configs" / "quickstart.toml", [
-            f'data.data_dir="{data_dir}"', f'model.name="{name}"', "data.max_examples_per_task=96",
-            f"data.max_seq_len={s}", "data.max_target_len=16", f"train.batch_size={b}", f"train.max_local_steps={steps}",
-            "train.eval_batch_size=8", "engine.measure_memory=true", "setting.num_clients=3",
-            'setting.preset="standard-hetero-t"', "federation.clients_per_round=3", f'model.dtype="{dtype}"',
-        ])
+        cfg = turn_config(name, b, s, data_dir, steps, dtype)
         out = Path(tmp) / f"{name}-{b}x{s}"
         out.mkdir(parents=True)
         run = Run(cfg, out)
@@ -96,7 +105,7 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
                     raise RuntimeError(f"{name} {task}: {rec.error}")
                 dense, experts = _unit_training_bytes(run.base, run.family, b, widest["S"], cfg.train.finetune,
                                                       cfg.train.lora_r, target_len=min(widest["T"], cfg.data.max_target_len))
-                at_used = RUNTIME_SLACK * (dense + sum(float(experts[i, j]) for i, ids in enumerate(kept) for j in ids))
+                at_used = RUNTIME_SLACK * (dense + sum(float(experts[i, j]) for i, ids in enumerate(kept) for j in ids)) + RUNTIME_FIXED_BYTES
                 rows.append(dict(model=name if dtype == "float32" else f"{name} ({dtype})", task=task, B=b, S=s, kept=k, predicted=rec.predicted_memory_bytes,
                                  measured=rec.peak_memory_bytes, S_used=widest["S"], T_used=widest["T"],
                                  at_used=at_used, seconds=time.perf_counter() - t0))
@@ -131,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     # a fresh process per model: clean VmHWM, no memory of other models
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_model_rows, n, args.data_dir, args.tmp, args.tasks, args.steps, args.sizes, args.dtype) for n in args.models]
+        # one process per (model, size): a turn's peak depends on what its process ran before
+        # (docs/memory.md: minilm-moe-4e RC at 8 × 192 measured 990.5 MiB after the 16 × 96 turns,
+        # 867.8 MiB in a fresh process), so each size starts from the same state
+        futures = [pool.submit(_model_rows, n, args.data_dir, args.tmp, args.tasks, args.steps, [f"{b}x{s}"], args.dtype)
+                   for n in args.models for b, s in _sizes(n) if not args.sizes or f"{b}x{s}" in args.sizes]
         results = [f.result() for f in futures]
     for got in results:
         for r in got:
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "`predicted_memory_bytes` (`run.plan.submodel_bytes(kept, client=cid)`: the client's own price, at its "
         "longest training example); *measured* = the turn's `peak_memory_bytes` (docs/memory.md). Ratio = predicted / measured. "
         "*S used* = the widest training batch the turn ran (batches are padded to their longest row); "
-        "*at S used* = the same formula (× RUNTIME_SLACK) priced at that length; ratio used = at S used / measured.",
+        "*at S used* = the same formula (× RUNTIME_SLACK, + RUNTIME_FIXED_BYTES) priced at that length (no `top_k` clip); ratio used = at S used / measured.",
         "",
         "| model | task | B | S | experts/layer | predicted MiB | measured MiB | ratio | S used | at S used MiB "
         "| ratio used |",

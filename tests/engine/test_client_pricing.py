@@ -10,7 +10,13 @@ import pytest
 from fedmoe.config import load_config
 from fedmoe.data.examples import TCExample
 from fedmoe.data.tasks import get_task
-from fedmoe.engine.budget import RUNTIME_SLACK, BatchShape, client_batch_shape, plan_memory
+from fedmoe.engine.budget import (
+    RUNTIME_FIXED_BYTES,
+    RUNTIME_SLACK,
+    BatchShape,
+    client_batch_shape,
+    plan_memory,
+)
 from fedmoe.engine.run import Run
 from fedmoe.moe.memory import unit_training_bytes
 from fedmoe.moe.models import load_model
@@ -61,9 +67,9 @@ def test_short_rows_cost_less_and_equal_the_formula_at_their_length_budgets_unch
         dense, eb = unit_training_bytes(model, family, batch_size=s.rows, seq_len=s.seq_len, finetune="lora",
                                         lora_r=cfg.train.lora_r, target_len=s.target_len)
         got_dense, got_eb = plan.table.costs(False, cid)
-        assert got_dense == dense * RUNTIME_SLACK
+        assert got_dense == dense * RUNTIME_SLACK + RUNTIME_FIXED_BYTES
         np.testing.assert_array_equal(got_eb, eb * RUNTIME_SLACK)
-        assert plan.table.full_bytes(cid) == pytest.approx((dense + eb.sum()) * RUNTIME_SLACK, rel=1e-12)
+        assert plan.table.full_bytes(cid) == pytest.approx((dense + eb.sum()) * RUNTIME_SLACK + RUNTIME_FIXED_BYTES, rel=1e-12)
     # client 1 builds the run-wide worst batch; shorter or fewer rows cost strictly less
     assert plan.table.full_bytes(1) == pytest.approx(plan.full_bytes, rel=1e-12)
     assert plan.table.full_bytes(0) < plan.table.full_bytes(1) and plan.table.full_bytes(2) < plan.table.full_bytes(1)
@@ -93,7 +99,7 @@ def test_a_run_prices_each_tc_client_at_its_own_tokens(shared_data, tmp_path):
     dense, eb = unit_training_bytes(run.base, run.family, batch_size=min(rows, cfg.train.batch_size),
                                     seq_len=n_tok, finetune="lora", lora_r=cfg.train.lora_r,
                                     target_len=cfg.data.max_target_len)
-    assert run.plan.table.full_bytes(cid) == pytest.approx((dense + eb.sum()) * RUNTIME_SLACK, rel=1e-12)
+    assert run.plan.table.full_bytes(cid) == pytest.approx((dense + eb.sum()) * RUNTIME_SLACK + RUNTIME_FIXED_BYTES, rel=1e-12)
     assert run.plan.table.full_bytes(cid) < run.plan.full_bytes
     seen = 0
     for rnd in range(run.strategy.num_rounds()):
@@ -126,7 +132,7 @@ def test_layers_below_top_k_are_priced_as_the_extracted_sub_moe(name):
         sub = extract(model, kept, family).model
         for cid, (b, s) in ((0, (3, 20)), (None, (cfg.train.batch_size, cfg.data.max_seq_len))):
             oracle = RUNTIME_SLACK * estimate_for_model(sub, b, s, "lora", cfg.train.lora_r, family,
-                                                        factors=SMOOTHED_CE_LOSS, adam_impl=adam, target_len=6)
+                                                        factors=SMOOTHED_CE_LOSS, adam_impl=adam, target_len=6) + RUNTIME_FIXED_BYTES
             assert plan.submodel_bytes(kept, client=cid) == pytest.approx(oracle, abs=8), (per_layer, cid)
             dense, eb = plan.table.costs(False, cid)
             additive = dense + sum(float(eb[i, j]) for i, ids in enumerate(kept) for j in ids)

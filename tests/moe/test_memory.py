@@ -265,3 +265,37 @@ def test_estimate_is_within_20_percent_of_the_measured_peak():
               for (key, ft, predicted), m in zip(cases, measured, strict=True)]
     for key, ft, pred, meas, ratio in report:
         assert 0.8 <= ratio <= 1.2, f"{key} {ft}: predicted {pred} MiB, measured {meas} MiB ({ratio}); all: {report}"
+
+
+def test_smoothed_ce_copies_are_charged_on_supervised_tokens_only():
+    """Causal LMs supervise at most ``target_len`` tokens per row: the smoothed loss's masked copies
+    (``loss_supervised``) shrink to those; transformers' own log-softmax stays on every token."""
+    from fedmoe.moe.memory import SMOOTHED_CE_LOSS, memory_model_for
+    from fedmoe.moe.meta import load_shapes
+
+    model, family = load_shapes("tiny-mixtral", "float32")
+    b, s, t = 4, 32, 5
+    full = memory_model_for(model, b, s, "lora", 8, family, factors=SMOOTHED_CE_LOSS)
+    part = memory_model_for(model, b, s, "lora", 8, family, factors=SMOOTHED_CE_LOSS, target_len=t)
+    assert (full.supervised_tokens(), part.supervised_tokens()) == (b * s, b * t)
+    vocab = full.shape.vocab
+    diff = full.activation_terms()["head"] - part.activation_terms()["head"]
+    assert diff == (b * s - b * t) * vocab * 4 * 1.5
+    assert {k: v for k, v in full.activation_terms().items() if k != "head"} == \
+        {k: v for k, v in part.activation_terms().items() if k != "head"}
+
+
+def test_bf16_lora_charges_peft_fp32_input_cast_per_adapted_attention_linear():
+    """Under bf16, peft casts each adapted linear's input to the fp32 adapters and keeps it:
+    ``4·H`` bytes per token, layer and adapted attention linear, nothing when dtypes match."""
+    from fedmoe.moe.memory import SMOOTHED_CE_LOSS, memory_model_for
+    from fedmoe.moe.meta import load_shapes
+
+    model, family = load_shapes("tiny-mixtral", "float32")
+    b, s, linears = 2, 24, 4.0
+    kw = dict(factors=SMOOTHED_CE_LOSS, act_bytes=2)
+    cast = memory_model_for(model, b, s, "lora", 8, family, adapter_bytes=4, **kw).activation_terms(linears)
+    same = memory_model_for(model, b, s, "lora", 8, family, adapter_bytes=2, **kw).activation_terms(linears)
+    sh = memory_model_for(model, b, s, "lora", 8, family, **kw).shape
+    assert cast["lora"] - same["lora"] == len(sh.layers) * b * s * 4 * sh.hidden * linears
+    assert {k: v for k, v in cast.items() if k != "lora"} == {k: v for k, v in same.items() if k != "lora"}

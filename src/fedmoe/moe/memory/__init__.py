@@ -57,9 +57,11 @@ routed experts     ``top_k · (a·(exp_h·H + exp_i·I) + 28)`` (28: sort/gather
                                                                                    1 ReLU, 2 GELU
 shared/dense MLP   ``a·mlp·I`` (+ ``a·(H + 1)`` for Qwen2-MoE's gated shared expert) mlp = 4 (3 if frozen)
 dropout            ``a·H`` per residual dropout (CPU keeps a float mask)
-LoRA linear        ``a·r`` per adapted linear (its ``lora_A`` output)
+LoRA linear        ``a·r`` per adapted linear (its ``lora_A`` output), + ``4·H`` per
+                   adapted attention linear when ``a ≠ 4`` (peft's fp32 input cast)
 logits, loss       once, ``V·(a + 4·logits)`` (returned logits, log-softmax), + the   logits = 1,
-                   loss's extras ``V·(a·shift_copy + 4·loss_extra)``                  see presets
+                   loss's extras ``V·(a·shift_copy + 4·loss_extra)``, + per          see presets
+                   *supervised* token ``4·V·loss_supervised``
 ================== =============================================================== =====================
 
 plus the **backward working set** at the peak, the largest of: the loss gradients

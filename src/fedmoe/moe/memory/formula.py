@@ -87,6 +87,15 @@ class TrainingMemoryModel:
             return self.batch_size * (self.target_len or self.seq_len)
         return self.batch_size * self.seq_len
 
+    def supervised_tokens(self) -> int:
+        """Tokens a batch supervises: every decoder token of encoder-decoders; of causal LMs the
+        target tokens, at most ``target_len`` per row (``fedmoe.train.batching``: the prompt's
+        labels are ignored), all tokens when ``target_len`` is None."""
+        out = self.tokens("decoder")
+        if self.shape.encoder_decoder or self.target_len is None:
+            return out
+        return min(out, self.batch_size * self.target_len)
+
     def moe_layer_tokens(self) -> list[int]:
         """Tokens each MoE layer routes, in MoE-layer order."""
         return [self.tokens(s.stack) for s in self.shape.layers if s.moe]
@@ -144,7 +153,13 @@ class TrainingMemoryModel:
                 work_scores = max(work_scores, probs * a * f.scores_grads)
 
         enc_tokens = self.tokens("encoder")
+        # encoder-decoders: an encoder layer's backward runs after the decoder's saved tensors
+        # (and the loss's) are freed, so its working set only counts above those
+        enc_work = enc_kept = 0.0
         for spec in sh.layers:
+            if sh.encoder_decoder and spec.stack == "encoder":
+                outer = (work_scores, work_experts)
+                work_scores = work_experts = 0.0
             n = self.tokens(spec.stack)
             length = n // self.batch_size
             terms["norms"] += n * spec.num_norms * norm_tok
@@ -155,6 +170,8 @@ class TrainingMemoryModel:
                 terms["dropout"] += n * spec.num_norms * sh.hidden * mask
             if lora:
                 terms["lora"] += n * a * self.lora_r * lora_attn_linears
+                if self.adapter_bytes != a:  # peft casts each adapted linear's input to the adapter dtype
+                    terms["lora"] += n * self.adapter_bytes * sh.hidden * lora_attn_linears
             if spec.moe:
                 k = sh.top_k
                 if sh.gated_experts:
@@ -171,6 +188,10 @@ class TrainingMemoryModel:
             elif spec.dense_intermediate:
                 w = spec.dense_intermediate
                 terms["mlp"] += n * (a * gated_mlp * w if sh.gated_experts else plain_mlp(w))
+            if sh.encoder_decoder and spec.stack == "encoder":
+                enc_work = max(enc_work, work_scores, work_experts)
+                enc_kept = sum(terms.values())
+                work_scores, work_experts = outer
         out = self.tokens("decoder")
         # the final norm (pre-norm models; both stacks of encoder-decoders) or the embedding norm (BERT)
         terms["head"] += out * norm_tok + (enc_tokens * norm_tok if sh.encoder_decoder else 0.0)
@@ -178,7 +199,9 @@ class TrainingMemoryModel:
         shift = f.shift_copy if not sh.encoder_decoder else 0.0
         terms["logits"] = out * sh.vocab * a  # returned by the model, held through backward
         terms["head"] += out * sh.vocab * (4 * f.logits + a * shift + 4 * f.loss_extra) + out * 16  # + ids, labels
-        terms["working_set"] = max(out * sh.vocab * 4 * f.loss_grads, work_scores, work_experts)
+        terms["head"] += self.supervised_tokens() * sh.vocab * 4 * f.loss_supervised
+        later = sum(terms.values()) - enc_kept - (enc_tokens * norm_tok if sh.encoder_decoder else 0.0)
+        terms["working_set"] = max(out * sh.vocab * 4 * f.loss_grads, work_scores, work_experts, enc_work - later)
         return terms
 
     def dense_activation_bytes(self, lora_attn_linears: float = 0.0, lora_expert_linears: float = 0.0) -> int:
