@@ -93,6 +93,10 @@ def test_compute_budget() -> None:
     assert compute_budget(210, 100, eb) == 2
     assert compute_budget(1000, 100, eb) == 3
     assert compute_budget(420, 100, eb, alpha=0.5) == 2
+    # α applies above the fixed share F that the dense part and the budget both carry
+    assert compute_budget(1420, 1100, eb, alpha=0.5, fixed_bytes=1000) == 2
+    with pytest.raises(BudgetError):  # α on the whole budget: 0.5·1420 = 710 < the dense part 1100
+        compute_budget(1420, 1100, eb, alpha=0.5)
     with pytest.raises(BudgetError):
         compute_budget(159, 100, eb)
 

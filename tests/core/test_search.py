@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmoe.core.search import expert_count, random_expert_sets, set_bytes, smallest_submodel, theta_search
+from fedmoe.core.search import (
+    expert_count,
+    random_expert_sets,
+    search_cap,
+    set_bytes,
+    smallest_submodel,
+    theta_search,
+)
 from fedmoe.errors import BudgetError
 
 P = np.array([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.3, 0.0]])
@@ -48,6 +55,22 @@ def test_theta_search_non_uniform_bytes() -> None:
     # cap 125: top experts (0,0),(1,1) = 20 → 120; next step adds (0,1) = 50 (θ>0.5) → too big
     theta, sets = theta_search(P, 100.0, eb, 125.0, alpha=1.0)
     assert 0.5 - 1e-4 <= theta <= 0.5 + 1e-9 and sets == [[0], [1]]
+
+
+def test_alpha_applies_above_the_fixed_share() -> None:
+    # F + α·(M − F): F = 1000 added to the dense part and the budget leaves every pick unchanged
+    assert search_cap(280.0, 0.5) == 140.0
+    assert search_cap(1280.0, 0.5, fixed_bytes=1000.0) == 1000.0 + 0.5 * 280.0
+    for budget, alpha in ((280.0, 0.5), (130.0, 1.0), (150.0, 0.9), (135.0, 0.9)):
+        assert theta_search(P, 1100.0, TEN, budget + 1000.0, alpha=alpha, fixed_bytes=1000.0) == \
+            theta_search(P, 100.0, TEN, budget, alpha=alpha)
+        assert random_expert_sets(TEN, 1100.0, budget + 1000.0, alpha, np.random.default_rng(3), fixed_bytes=1000.0) == \
+            random_expert_sets(TEN, 100.0, budget, alpha, np.random.default_rng(3))
+    # α on the whole budget instead: 0.5·1280 = 640 < the dense part 1100
+    with pytest.raises(BudgetError):
+        theta_search(P, 1100.0, TEN, 1280.0, alpha=0.5)
+    with pytest.raises(BudgetError, match=r"F \+ α·\(M − F\) = 1000 \+ 0.5·\(1100 − 1000\) = 1050"):
+        theta_search(P, 1100.0, TEN, 1100.0, alpha=0.5, fixed_bytes=1000.0, client_id=2)
 
 
 def test_theta_one_when_everything_fits() -> None:

@@ -55,8 +55,9 @@ def test_memory_plan_with_checkpointing_keeps_budgets_and_lowers_costs(shared_da
     assert on.table.budgets == off.table.budgets
     from fedmoe.moe.memory import SMOOTHED_CE_LOSS
 
+    cfg = load_config(REPO / "configs" / "tiny.toml", args)  # priced at the run's target length, as plan_memory
     d_saving, e_saving = checkpointing_saving(model, 8, 128, "lora", 8, fam, factors=SMOOTHED_CE_LOSS,
-                                              adam_impl="for-loop")
+                                              adam_impl="for-loop", target_len=cfg.data.max_target_len)
     # fused expert LoRA runs unmerged (no merged expert weight is held), so checkpointing saves
     # activations of the dense part; the expert units keep what they hold
     assert d_saving > 0 and (e_saving >= 0).all()

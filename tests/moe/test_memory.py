@@ -268,8 +268,10 @@ def test_estimate_is_within_20_percent_of_the_measured_peak():
 
 
 def test_smoothed_ce_copies_are_charged_on_supervised_tokens_only():
-    """Causal LMs supervise at most ``target_len`` tokens per row: the smoothed loss's masked copies
-    (``loss_supervised``) shrink to those; transformers' own log-softmax stays on every token."""
+    """Causal LMs supervise at most ``target_len`` tokens per row: the smoothed loss's kept rows
+    (``loss_supervised``) and their backward gradients (``loss_supervised_grads``) shrink to
+    those; transformers' own log-softmax stays on every token; the shifted logits copy is a
+    forward transient, not on top of the backward working set."""
     from fedmoe.moe.memory import SMOOTHED_CE_LOSS, memory_model_for
     from fedmoe.moe.meta import load_shapes
 
@@ -278,11 +280,67 @@ def test_smoothed_ce_copies_are_charged_on_supervised_tokens_only():
     full = memory_model_for(model, b, s, "lora", 8, family, factors=SMOOTHED_CE_LOSS)
     part = memory_model_for(model, b, s, "lora", 8, family, factors=SMOOTHED_CE_LOSS, target_len=t)
     assert (full.supervised_tokens(), part.supervised_tokens()) == (b * s, b * t)
-    vocab = full.shape.vocab
-    diff = full.activation_terms()["head"] - part.activation_terms()["head"]
-    assert diff == (b * s - b * t) * vocab * 4 * 1.5
-    assert {k: v for k, v in full.activation_terms().items() if k != "head"} == \
-        {k: v for k, v in part.activation_terms().items() if k != "head"}
+    vocab, n = full.shape.vocab, b * s
+    ft, pt = full.activation_terms(), part.activation_terms()
+    assert ft["head"] - pt["head"] == (n - b * t) * vocab * 4 * 1.0
+    assert ft["working_set"] == n * vocab * 4 * 3.0  # every token supervised: 3 row gradients > 2 full-size
+    assert pt["working_set"] == n * vocab * 4 * 2.0  # few supervised: the two full-size gradients
+    assert {k: v for k, v in ft.items() if k not in ("head", "working_set")} == \
+        {k: v for k, v in pt.items() if k not in ("head", "working_set")}
+
+
+@pytest.mark.parametrize(("kind", "target"), [("causal", None), ("causal", 5), ("seq2seq", None)])
+def test_smoothed_ce_live_bytes_match_its_factors(kind: str, target: int | None) -> None:
+    """The client loop's loss (``fedmoe.train.loop.task_loss``) on a leaf logits tensor: the peak
+    of the tensors it creates (forward and backward, counted per storage as torch allocates and
+    frees them) is the log-softmax ``4·V·logits`` per token + the kept supervised rows
+    ``4·V·loss_supervised`` + the larger backward working set ``max(4·V·loss_grads per token,
+    4·V·loss_supervised_grads per supervised token)`` + the leaf's gradient — without the
+    shifted copy (``a·V·shift_copy``, freed before backward) — up to per-token index/mask bytes."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fedmoe.moe.memory import SMOOTHED_CE_LOSS as f
+    from fedmoe.train.loop import task_loss
+
+    class Live(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live: dict[int, int] = {}
+            self.cur = self.peak = 0
+
+        def _free(self, key: int, n: int) -> None:
+            if self.live.pop(key, None) is not None:
+                self.cur -= n
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    key, n = st.data_ptr(), st.nbytes()
+                    if n and key not in self.live:
+                        self.live[key] = n
+                        self.cur += n
+                        weakref.finalize(st, self._free, key, n)
+                        self.peak = max(self.peak, self.cur)
+            return out
+
+    b, s, v = 4, 33, 64
+    torch.manual_seed(0)
+    logits = torch.randn(b, s, v, requires_grad=True)
+    labels = torch.randint(0, v, (b, s))
+    if target:
+        labels[:, : s - target] = -100
+    with Live() as live:
+        task_loss(kind, type("Out", (), {"logits": logits})(), {"labels": labels}, 0.1).backward()
+    n = b * (s - 1) if kind == "causal" else b * s  # tokens the loss sees (causal: shifted)
+    sup = int((labels[:, 1:] != -100).sum()) if kind == "causal" else n
+    expected = (4 * v * n * f.logits + 4 * v * sup * f.loss_supervised
+                + max(4 * v * n * f.loss_grads, 4 * v * sup * f.loss_supervised_grads) + logits.numel() * 4)
+    assert expected <= live.peak <= expected + 24 * n, (live.peak, expected)
+    assert live.peak < expected + 4 * v * n * f.shift_copy  # the shifted copy is not on top
 
 
 def test_bf16_lora_charges_peft_fp32_input_cast_per_adapted_attention_linear():

@@ -55,6 +55,9 @@ class MemoryTable:
     per_client: dict[ClientId, tuple[float, np.ndarray]] = field(default_factory=dict)
     #: client → its checkpointed costs (only with ``checkpointed``)
     per_client_checkpointed: dict[ClientId, tuple[float, np.ndarray]] = field(default_factory=dict)
+    #: the fixed share F that every dense cost and every budget include (``RUNTIME_FIXED_BYTES``):
+    #: the searches apply α above it only (:func:`fedmoe.core.search.search_cap`)
+    fixed_bytes: float = 0.0
 
     def costs(self, checkpointing: bool, client: ClientId | None = None) -> tuple[float, np.ndarray]:
         """``(dense_bytes, expert_bytes)`` of a client that trains with(out) gradient checkpointing:
@@ -85,7 +88,7 @@ class MemoryTable:
         dense, eb = cut((self.dense_bytes, self.expert_bytes))
         return MemoryTable(dense, eb, dict(self.budgets), cut(self.checkpointed) if self.checkpointed else None,
                            {c: cut(v) for c, v in self.per_client.items()},
-                           {c: cut(v) for c, v in self.per_client_checkpointed.items()})
+                           {c: cut(v) for c, v in self.per_client_checkpointed.items()}, self.fixed_bytes)
 
 
 @dataclass
@@ -202,10 +205,11 @@ def initial_expert_sets(
             rng = copy.deepcopy(random_init)  # both options draw from the same stream; the chosen one advances it
             try:
                 if rng is None:
-                    found[ckpt] = (*theta_search(pk, dense, eb, memory.budgets[cid], alpha, tol, client_id=cid), None)
+                    found[ckpt] = (*theta_search(pk, dense, eb, memory.budgets[cid], alpha, tol, client_id=cid,
+                                                                fixed_bytes=memory.fixed_bytes), None)
                 else:
                     found[ckpt] = (None, random_expert_sets(eb, dense, memory.budgets[cid], alpha, rng,
-                                                            client_id=cid), rng)
+                                                            client_id=cid, fixed_bytes=memory.fixed_bytes), rng)
             except BudgetError as err:
                 error = error or err
         if not found:

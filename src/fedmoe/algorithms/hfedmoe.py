@@ -33,6 +33,7 @@ from fedmoe.core.aggregation import ClientUpdate, modular_aggregate, weighted_me
 from fedmoe.core.layout import UnitId, UnitLayout
 from fedmoe.core.router_stats import DEFAULT_BETA, DEFAULT_LAMBDA, RouterStats  # noqa: F401 — RouterStats lives in core
 from fedmoe.core.router_stats import as_probs as _probs
+from fedmoe.core.search import search_cap
 from fedmoe.errors import BudgetError
 
 #: this algorithm's registry entry (read by :func:`fedmoe.algorithms.discover`)
@@ -104,25 +105,28 @@ def select_active(I: Any, used_mask: Any, C_k: int, *, fallback: str = "all") ->
 
 def compute_budget(
     memory_budget: float, dense_bytes: float, expert_bytes: Any, *, alpha: float = 1.0,
-    client_id: ClientId | None = None,
+    client_id: ClientId | None = None, fixed_bytes: float = 0.0,
 ) -> int:
     """§3.1: C_k from a memory budget M_k (bytes).
 
     ``expert_bytes`` ``[L, E]`` is the training memory of each expert (0 = absent). C_k is the
     largest C such that ``dense_bytes + Σ_i (sum of the C largest expert_bytes[i])`` ≤
     ``alpha``·M_k: the worst case over which C experts per layer get selected, so every
-    selection fits (``alpha``, choice, default 1.0, is a safety factor as in FedMoE's α·M).
+    selection fits (``alpha``, choice, default 1.0, is a safety factor as in FedMoE's α·M, and like
+    it applies above the fixed share ``fixed_bytes`` F that prices and budgets both include:
+    ``F + alpha·(M_k − F)``, :func:`fedmoe.core.search.search_cap`).
     Clipped to E. Raises :class:`BudgetError` when not even one expert per layer fits.
     """
     eb = np.asarray(expert_bytes, dtype=np.float64)
     if eb.ndim != 2:
         raise ValueError(f"expert_bytes must be [L, E], got shape {eb.shape}.")
     cum = np.cumsum(-np.sort(-eb, axis=1), axis=1).sum(axis=0)  # [E]: cost of C = 1..E
-    fits = np.flatnonzero(dense_bytes + cum <= alpha * memory_budget)
+    cap = search_cap(memory_budget, alpha, fixed_bytes)
+    fits = np.flatnonzero(dense_bytes + cum <= cap)
     if fits.size == 0:
         need = dense_bytes + cum[0]
         raise BudgetError(
-            f"Client {client_id}: budget {alpha * memory_budget:.0f} B cannot hold one expert per layer ({need:.0f} B).",
+            f"Client {client_id}: budget {cap:.0f} B cannot hold one expert per layer ({need:.0f} B).",
             "raise its memory budget or exclude the client.",
         )
     return int(fits[-1]) + 1

@@ -61,10 +61,21 @@ def smallest_submodel(p: np.ndarray, theta: float, eps: float = CUMULATIVE_EPS) 
     return sets
 
 
-def _budget_error(client_id: int | None, what: str, cap: float, budget: float, alpha: float) -> BudgetError:
+def search_cap(budget_bytes: float, alpha: float, fixed_bytes: float = 0.0) -> float:
+    """The bytes a client's submodel may use: ``F + α·(M − F)`` (choice). ``F`` (``fixed_bytes``)
+    is the measured fixed share every price and budget include (``RUNTIME_FIXED_BYTES``); α is a
+    safety factor on the modelled part only, so prices and budgets that both carry ``F`` compare
+    as ``mem − F ≤ α·(M − F)``. ``F = 0`` is the plain ``α·M``."""
+    return float(fixed_bytes) + alpha * (float(budget_bytes) - float(fixed_bytes))
+
+
+def _budget_error(client_id: int | None, what: str, cap: float, budget: float, alpha: float,
+                  fixed_bytes: float = 0.0) -> BudgetError:
     who = "A client" if client_id is None else f"Client {client_id}"
+    rule = (f"α·M = {alpha}·{budget:.0f}" if not fixed_bytes
+            else f"F + α·(M − F) = {fixed_bytes:.0f} + {alpha}·({budget:.0f} − {fixed_bytes:.0f})")
     return BudgetError(
-        f"{who} cannot hold its submodel: {what} > α·M = {alpha}·{budget:.0f} = {cap:.0f} bytes.",
+        f"{who} cannot hold its submodel: {what} > {rule} = {cap:.0f} bytes.",
         "give the client a larger memory budget, raise fedmoe.alpha, use a smaller model, "
         "or set federation.exclude_unfit=true to leave such clients out.",
     )
@@ -80,6 +91,7 @@ def theta_search(
     *,
     client_id: int | None = None,
     eps: float = CUMULATIVE_EPS,
+    fixed_bytes: float = 0.0,
 ) -> tuple[float, ExpertSets]:
     """Binary search for the largest θ ∈ [0, 1] whose smallest submodel fits α·M (eq. 3).
 
@@ -87,7 +99,8 @@ def theta_search(
     ``(lo, smallest_submodel(p, lo))``. Feasibility is monotone in θ (a larger θ never keeps
     fewer experts), so ``lo`` is within ``tol`` below the exact optimum. If θ = 1 fits, returns
     ``1.0`` at once. ``alpha`` ∈ (0, 1] is the share of the budget the search may use
-    (docs/algorithms.md §1.1 step 3, choice, default 0.9; the rest is stage-2 headroom).
+    (docs/algorithms.md §1.1 step 3, choice, default 0.9; the rest is stage-2 headroom),
+    applied above ``fixed_bytes`` (:func:`search_cap`: ``mem − F ≤ α·(M − F)``).
 
     Raises :class:`BudgetError` (naming ``client_id`` and the byte counts) if the dense part
     alone exceeds α·M, or if even θ = 0 (the top expert of every layer) does not fit.
@@ -98,9 +111,9 @@ def theta_search(
         raise ValueError(f"expert_bytes has shape {eb.shape}, p has shape {arr.shape}.")
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}.")
-    cap = alpha * float(budget_bytes)
+    cap = search_cap(budget_bytes, alpha, fixed_bytes)
     if dense_bytes > cap:
-        raise _budget_error(client_id, f"dense part {dense_bytes:.0f} bytes", cap, budget_bytes, alpha)
+        raise _budget_error(client_id, f"dense part {dense_bytes:.0f} bytes", cap, budget_bytes, alpha, fixed_bytes)
 
     def fits(theta: float) -> bool:
         return set_bytes(smallest_submodel(arr, theta, eps), eb, dense_bytes) <= cap
@@ -108,7 +121,7 @@ def theta_search(
     if not fits(0.0):
         need = set_bytes(smallest_submodel(arr, 0.0, eps), eb, dense_bytes)
         raise _budget_error(
-            client_id, f"dense + one expert per layer = {need:.0f} bytes", cap, budget_bytes, alpha
+            client_id, f"dense + one expert per layer = {need:.0f} bytes", cap, budget_bytes, alpha, fixed_bytes
         )
     if fits(1.0):
         return 1.0, smallest_submodel(arr, 1.0, eps)
@@ -130,24 +143,26 @@ def random_expert_sets(
     rng: np.random.Generator,
     *,
     client_id: int | None = None,
+    fixed_bytes: float = 0.0,
 ) -> ExpertSets:
     """Random expert sets under the stage-1 budget rule (randomMoE; ablation "w/o stage 1").
 
-    Rule (choice): the cap is the same α·M as :func:`theta_search`. First one uniformly
+    Rule (choice): the cap is the same ``F + α·(M − F)`` as :func:`theta_search`. First one uniformly
     random expert per layer (guaranteed; :class:`BudgetError` if these plus the dense part do
     not fit, or the dense part alone does not); then every remaining (layer, expert) unit in
     one uniformly shuffled order is added if it still fits (units that do not fit are
     skipped, later smaller ones may still be added). Deterministic given ``rng``.
     """
     eb = _as_2d(expert_bytes, "expert_bytes")
-    cap = alpha * float(budget_bytes)
+    cap = search_cap(budget_bytes, alpha, fixed_bytes)
     if dense_bytes > cap:
-        raise _budget_error(client_id, f"dense part {dense_bytes:.0f} bytes", cap, budget_bytes, alpha)
+        raise _budget_error(client_id, f"dense part {dense_bytes:.0f} bytes", cap, budget_bytes, alpha, fixed_bytes)
     n_layers, n_experts = eb.shape
     sets: ExpertSets = [[int(rng.integers(n_experts))] for _ in range(n_layers)]
     used = set_bytes(sets, eb, dense_bytes)
     if used > cap:
-        raise _budget_error(client_id, f"dense + one expert per layer = {used:.0f} bytes", cap, budget_bytes, alpha)
+        raise _budget_error(client_id, f"dense + one expert per layer = {used:.0f} bytes", cap, budget_bytes, alpha,
+                            fixed_bytes)
     rest = [(i, j) for i in range(n_layers) for j in range(n_experts) if j != sets[i][0]]
     for k in rng.permutation(len(rest)):
         i, j = rest[int(k)]

@@ -63,10 +63,11 @@ def _unit_training_bytes(model: nn.Module, family: MoEFamily, batch_size: int, s
 #: together, so the θ search picks the same experts (checked on the stand-in grid's plans).
 RUNTIME_SLACK = 1.02
 #: fixed bytes a turn adds whatever its size (small turns: tiny families at 8 × 64 measure
-#: +1.5–3.5 MiB above their tensors). Calibrated at 2 MiB but NOT applied (0): added to prices
-#: and budgets alike it is not invariant under the θ search's ``mem ≤ α·M`` when α < 1 (it
-#: changes the stand-in grid's seed-4 FedMoE and randomMoE sets); docs/memory.md.
-RUNTIME_FIXED_BYTES = 0.0
+#: +1.5–3.5 MiB above their tensors: small-allocation heap, Python and autograd objects),
+#: calibrated at 2 MiB. In every price and every budget; the searches' safety factors α apply
+#: above it only (``mem − F ≤ α·(M − F)``, :func:`fedmoe.core.search.search_cap`), so the
+#: experts they pick do not depend on it (checked on the stand-in grid's plans); docs/memory.md.
+RUNTIME_FIXED_BYTES = 2.0 * 2**20
 
 
 def _checkpointing_saving(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig,
@@ -208,7 +209,7 @@ def plan_memory(model: nn.Module, family: MoEFamily, cfg: ExperimentConfig, clie
     # "auto": the plain costs stay the table's; the search gives a client the checkpointed ones
     # when they buy it experts (fedmoe.algorithms.fedmoe.initial_expert_sets)
     table = MemoryTable(float(dense), experts, {cid: float(b) for cid, b in zip(client_ids, budgets, strict=True)},
-                        checkpointed, per_client, per_client_ckpt)  # type: ignore[arg-type]
+                        checkpointed, per_client, per_client_ckpt, RUNTIME_FIXED_BYTES)  # type: ignore[arg-type]
     clip, clips = None, {}
     if cfg.train.gradient_checkpointing is not True:
         clip = _clip(model, family, cfg, BatchShape.of_config(cfg))

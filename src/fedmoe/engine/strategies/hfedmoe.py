@@ -142,7 +142,8 @@ class HFedMoEStrategy(Strategy):
             for ck in options:
                 dense, eb = table.costs(ck, cid)  # priced at the client's own batch
                 try:
-                    c_k[ck] = algo.compute_budget(table.budgets[cid], dense, eb, alpha=hc.alpha, client_id=cid)
+                    c_k[ck] = algo.compute_budget(table.budgets[cid], dense, eb, alpha=hc.alpha, client_id=cid,
+                                                     fixed_bytes=table.fixed_bytes)
                 except BudgetError as err:
                     errors.append(err)
             if not c_k:

@@ -60,12 +60,15 @@ dropout            ``a·H`` per residual dropout (CPU keeps a float mask)
 LoRA linear        ``a·r`` per adapted linear (its ``lora_A`` output), + ``4·H`` per
                    adapted attention linear when ``a ≠ 4`` (peft's fp32 input cast)
 logits, loss       once, ``V·(a + 4·logits)`` (returned logits, log-softmax), + the   logits = 1,
-                   loss's extras ``V·(a·shift_copy + 4·loss_extra)``, + per          see presets
-                   *supervised* token ``4·V·loss_supervised``
+                   loss's extras ``4·V·loss_extra``, + per *supervised* token         see presets
+                   ``4·V·loss_supervised``
 ================== =============================================================== =====================
 
 plus the **backward working set** at the peak, the largest of: the loss gradients
-``4·loss_grads·V`` per output token (log-softmax and logits gradients), one materialised
+``4·loss_grads·V`` per output token (log-softmax and logits gradients) or
+``4·loss_supervised_grads·V`` per supervised token (a masking loss's gradients on its rows),
+or the loss's forward transient ``a·shift_copy·V`` per output token (a shifted logits copy,
+freed before backward), one materialised
 attention's score gradients, one MoE layer's expert-activation gradients. LoRA on fused
 experts is computed unmerged (:mod:`fedmoe.moe.expert_lora`): no merged weight ``W + B·A`` is
 kept (``lora_merge · W_expert`` per kept expert applied only to peft's merged path, which
@@ -74,10 +77,10 @@ kept (``lora_merge · W_expert`` per kept expert applied only to peft's merged p
 
 The loss terms depend on the loss implementation: :data:`HF_LOSS` is ``transformers``' own
 cross-entropy (``out.loss``); :data:`SMOOTHED_CE_LOSS` is the project's client loop
-(``fedmoe.train.loop``): its label-smoothed cross-entropy on shifted logits keeps a shifted copy
-of the logits (causal LMs) and more fp32 copies of the log-probabilities at the peak, and the
-model's own loss runs alongside (the loop passes ``labels``) — calibrated by measuring both
-losses on the same models (benchmarks/memory/results.md).
+(``fedmoe.train.loop``): its label-smoothed cross-entropy on shifted logits copies the logits
+(causal LMs; a forward transient), keeps its supervised rows' log-probabilities and works on
+them in backward, and the model's own loss runs alongside (the loop passes ``labels``) — counted
+from the live tensors of a client-loop step (docs/memory.md, Calibration).
 
 Calibration and accuracy (benchmarks/memory/results.md): the kept-tensor counts match autograd's
 saved tensors to 0.998–1.000 for the decoder-only families under full FT (1.01–1.02 under LoRA,

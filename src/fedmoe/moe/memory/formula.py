@@ -198,10 +198,15 @@ class TrainingMemoryModel:
         terms["dropout"] += (sh.extra_dropouts + (1 if sh.embed_norm and sh.dropout > 0 else 0)) * out * sh.hidden * mask
         shift = f.shift_copy if not sh.encoder_decoder else 0.0
         terms["logits"] = out * sh.vocab * a  # returned by the model, held through backward
-        terms["head"] += out * sh.vocab * (4 * f.logits + a * shift + 4 * f.loss_extra) + out * 16  # + ids, labels
-        terms["head"] += self.supervised_tokens() * sh.vocab * 4 * f.loss_supervised
+        terms["head"] += out * sh.vocab * (4 * f.logits + 4 * f.loss_extra) + out * 16  # + ids, labels
+        sup = self.supervised_tokens()
+        terms["head"] += sup * sh.vocab * 4 * f.loss_supervised
         later = sum(terms.values()) - enc_kept - (enc_tokens * norm_tok if sh.encoder_decoder else 0.0)
-        terms["working_set"] = max(out * sh.vocab * 4 * f.loss_grads, work_scores, work_experts, enc_work - later)
+        # the loss's backward: the full-size gradients, or first the supervised rows' ones; its
+        # shifted logits copy (a forward transient) is freed before backward starts
+        loss_work = max(out * sh.vocab * 4 * f.loss_grads, sup * sh.vocab * 4 * f.loss_supervised_grads,
+                        out * sh.vocab * a * shift)
+        terms["working_set"] = max(loss_work, work_scores, work_experts, enc_work - later)
         return terms
 
     def dense_activation_bytes(self, lora_attn_linears: float = 0.0, lora_expert_linears: float = 0.0) -> int:

@@ -50,14 +50,21 @@ class ActivationFactors:
     mlp_gated_frozen: float = 3.0
     #: LM head: the log-softmax output (fp32), besides the logits the model returns
     logits: float = 1.0
-    #: loss extras at the peak: copies of the logits in the activation dtype (a shifted slice for
-    #: causal LMs) and further fp32 copies of the log-probabilities
-    shift_copy: float = 0.0
+    #: loss extras: further fp32 copies of the log-probabilities kept through backward
+    #: (``transformers``' own loss when the loop passes ``labels``) …
     loss_extra: float = 0.0
-    #: … and fp32 copies of the log-probabilities of the *supervised* tokens only (a loss that
-    #: masks ignored labels first: causal LMs supervise the target tokens, at most
-    #: ``target_len`` per row; every decoder token of encoder-decoders)
+    #: … a copy of the logits in the activation dtype (a shifted slice, causal LMs) that lives
+    #: only during the loss's *forward*: freed before backward starts, so it is not on top of
+    #: the backward working set but an alternative to it (the larger of the two counts)
+    shift_copy: float = 0.0
+    #: … fp32 copies of the log-probabilities of the *supervised* tokens only, kept through
+    #: backward (a loss that masks ignored labels first keeps its gathered rows; causal LMs
+    #: supervise the target tokens, at most ``target_len`` per row; every decoder token of
+    #: encoder-decoders) …
     loss_supervised: float = 0.0
+    #: … and the backward working set on those rows (gradients of the masked and gathered
+    #: log-probabilities, before they are scattered back to every token)
+    loss_supervised_grads: float = 0.0
     #: working set at the start of backward: gradients of the log-softmax and of the logits (fp32)
     loss_grads: float = 2.0
     #: working set in a materialised attention's backward: gradients of probabilities and scores
@@ -71,15 +78,16 @@ class ActivationFactors:
 
 #: ``transformers``' cross-entropy (``out.loss``): what :func:`measure_training_step` trains with
 HF_LOSS = ActivationFactors()
-#: the project's client loop (``fedmoe.train.loop``): ``smoothed_ce`` on shifted logits keeps a
-#: shifted copy of the logits (causal LMs) and 1.5 fp32 copies of the log-probabilities more at
-#: the peak (measured with every token supervised: 2.46 + shift copy causal, 2.49 seq2seq), but
-#: those 1.5 copies are of the *supervised* rows only (``smoothed_ce`` masks ignored labels
-#: first: ``loss_supervised``); since the loop passes ``labels`` to the model, ``transformers``'
-#: own loss keeps its log-softmax over every token too (``loss_extra = 1``). Measured on a
-#: ``tiny-mixtral`` client turn at 16 × 128 with ≤ 16 target tokens per row (saved-for-backward
-#: bytes, docs/memory.md): charging all 2.5 on every token over-priced that turn by 10–14 %.
-SMOOTHED_CE_LOSS = ActivationFactors(shift_copy=1.0, loss_extra=1.0, loss_supervised=1.5)
+#: the project's client loop (``fedmoe.train.loop``): ``transformers``' own loss runs alongside
+#: (the loop passes ``labels``) and keeps its log-softmax over every token (``loss_extra = 1``);
+#: ``smoothed_ce`` copies the shifted logits (causal LMs; freed once its log-softmax exists:
+#: ``shift_copy`` is a forward transient), keeps its gathered supervised rows
+#: (``loss_supervised = 1``) and, in backward, three supervised-row gradients (masked_fill's,
+#: gather's scatter and its zeros: ``loss_supervised_grads = 3``) before the two full-size
+#: ones (``loss_grads``). Exact at tensor level on ``tiny-mixtral`` at 16 × 128 (fp32 and
+#: bf16, ≤ 16 target tokens per row and every token supervised) and ``tiny-switch-transformers``
+#: (live tensor bytes of one client-loop step, docs/memory.md "Calibration").
+SMOOTHED_CE_LOSS = ActivationFactors(shift_copy=1.0, loss_extra=1.0, loss_supervised=1.0, loss_supervised_grads=3.0)
 
 
 @dataclass(frozen=True)
