@@ -81,6 +81,10 @@ def test_theta_one_when_everything_fits() -> None:
 def test_budget_errors_name_client_and_numbers() -> None:
     with pytest.raises(BudgetError, match=r"Client 4 .*dense part 200 bytes > .*0.9·200 = 180"):
         theta_search(P, 200.0, TEN, 200.0, alpha=0.9, client_id=4)
+    # the budget holds the dense part (190 ≤ 200) but α·M does not: the fix names the α that would
+    with pytest.raises(BudgetError) as err:
+        theta_search(P, 190.0, TEN, 200.0, alpha=0.9, client_id=4)
+    assert "set fedmoe.alpha to at least 0.95" in err.value.fix
     with pytest.raises(BudgetError, match=r"Client 5 .*one expert per layer = 120 bytes > .*= 115"):
         theta_search(P, 100.0, TEN, 115.0, alpha=1.0, client_id=5)
     with pytest.raises(BudgetError, match="Client 6"):

@@ -13,6 +13,8 @@ Expert sets are ``list[list[int]]``: for each layer, the sorted global expert in
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fedmoe.errors import BudgetError
@@ -69,15 +71,21 @@ def search_cap(budget_bytes: float, alpha: float, fixed_bytes: float = 0.0) -> f
     return float(fixed_bytes) + alpha * (float(budget_bytes) - float(fixed_bytes))
 
 
-def _budget_error(client_id: int | None, what: str, cap: float, budget: float, alpha: float,
+def _budget_error(client_id: int | None, what: str, needed: float, cap: float, budget: float, alpha: float,
                   fixed_bytes: float = 0.0) -> BudgetError:
+    """``what`` = ``needed`` bytes do not fit the search's cap; the fix names the smallest α that would
+    hold them (when one ≤ 1 does: the budget itself holds them) before the other remedies."""
     who = "A client" if client_id is None else f"Client {client_id}"
     rule = (f"α·M = {alpha}·{budget:.0f}" if not fixed_bytes
             else f"F + α·(M − F) = {fixed_bytes:.0f} + {alpha}·({budget:.0f} − {fixed_bytes:.0f})")
+    room = float(budget) - float(fixed_bytes)
+    least = (float(needed) - float(fixed_bytes)) / room if room > 0 else float("inf")
+    alpha_fix = (f"set fedmoe.alpha to at least {math.ceil(least * 1000) / 1000:g} (the budget holds it; α leaves "
+                 "the rest as headroom), or " if alpha < least <= 1 else "")
     return BudgetError(
-        f"{who} cannot hold its submodel: {what} > {rule} = {cap:.0f} bytes.",
-        "give the client a larger memory budget, raise fedmoe.alpha, use a smaller model, "
-        "or set federation.exclude_unfit=true to leave such clients out.",
+        f"{who} cannot hold its submodel: {what} {needed:.0f} bytes > {rule} = {cap:.0f} bytes.",
+        f"{alpha_fix}give the client a larger memory budget (setting.budget_low), raise fedmoe.alpha, use a smaller "
+        "model, or set federation.exclude_unfit=true to leave such clients out.",
     )
 
 
@@ -113,16 +121,14 @@ def theta_search(
         raise ValueError(f"alpha must be in (0, 1], got {alpha}.")
     cap = search_cap(budget_bytes, alpha, fixed_bytes)
     if dense_bytes > cap:
-        raise _budget_error(client_id, f"dense part {dense_bytes:.0f} bytes", cap, budget_bytes, alpha, fixed_bytes)
+        raise _budget_error(client_id, "dense part", dense_bytes, cap, budget_bytes, alpha, fixed_bytes)
 
     def fits(theta: float) -> bool:
         return set_bytes(smallest_submodel(arr, theta, eps), eb, dense_bytes) <= cap
 
     if not fits(0.0):
         need = set_bytes(smallest_submodel(arr, 0.0, eps), eb, dense_bytes)
-        raise _budget_error(
-            client_id, f"dense + one expert per layer = {need:.0f} bytes", cap, budget_bytes, alpha, fixed_bytes
-        )
+        raise _budget_error(client_id, "dense + one expert per layer =", need, cap, budget_bytes, alpha, fixed_bytes)
     if fits(1.0):
         return 1.0, smallest_submodel(arr, 1.0, eps)
     lo, hi = 0.0, 1.0
@@ -156,13 +162,12 @@ def random_expert_sets(
     eb = _as_2d(expert_bytes, "expert_bytes")
     cap = search_cap(budget_bytes, alpha, fixed_bytes)
     if dense_bytes > cap:
-        raise _budget_error(client_id, f"dense part {dense_bytes:.0f} bytes", cap, budget_bytes, alpha, fixed_bytes)
+        raise _budget_error(client_id, "dense part", dense_bytes, cap, budget_bytes, alpha, fixed_bytes)
     n_layers, n_experts = eb.shape
     sets: ExpertSets = [[int(rng.integers(n_experts))] for _ in range(n_layers)]
     used = set_bytes(sets, eb, dense_bytes)
     if used > cap:
-        raise _budget_error(client_id, f"dense + one expert per layer = {used:.0f} bytes", cap, budget_bytes, alpha,
-                            fixed_bytes)
+        raise _budget_error(client_id, "dense + one expert per layer =", used, cap, budget_bytes, alpha, fixed_bytes)
     rest = [(i, j) for i in range(n_layers) for j in range(n_experts) if j != sets[i][0]]
     for k in rng.permutation(len(rest)):
         i, j = rest[int(k)]
