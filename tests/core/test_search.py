@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from fedmoe.core.search import (
     expert_count,
+    fit_error,
     random_expert_sets,
     search_cap,
     set_bytes,
@@ -89,6 +90,19 @@ def test_budget_errors_name_client_and_numbers() -> None:
         theta_search(P, 100.0, TEN, 115.0, alpha=1.0, client_id=5)
     with pytest.raises(BudgetError, match="Client 6"):
         random_expert_sets(TEN, 100.0, 115.0, 1.0, np.random.default_rng(0), client_id=6)
+
+
+def test_fit_error_is_what_every_search_would_raise() -> None:
+    # known before any p: dense alone, or dense + the cheapest expert of every layer, over the cap
+    assert fit_error(100.0, TEN, 1000.0, 0.9) is None
+    assert fit_error(100.0, TEN, 120.0, 1.0) is None  # 100 + 10 + 10 = 120 fits exactly
+    err = fit_error(190.0, TEN, 200.0, 0.9, client_id=4)
+    assert err is not None and "dense part 190 bytes" in err.what and "at least 0.95" in err.fix
+    err = fit_error(100.0, TEN, 115.0, 1.0, client_id=5)
+    assert err is not None and "one expert per layer = 120 bytes > " in err.what
+    for p in (P, P[:, ::-1].copy()):  # whatever p: the θ search fails too
+        with pytest.raises(BudgetError):
+            theta_search(p, 100.0, TEN, 115.0, alpha=1.0)
 
 
 def _feasible(p: np.ndarray, theta: float, eb: np.ndarray, dense: float, cap: float) -> bool:

@@ -11,7 +11,7 @@ import pytest
 
 from fedmoe.config import load_config
 from fedmoe.engine.run import Run, run_experiment
-from fedmoe.errors import RunStopped
+from fedmoe.errors import BudgetError, RunStopped
 from tests.conftest import REPO
 
 
@@ -77,3 +77,16 @@ def test_stage1_without_a_reply_never_reaches_stage2(shared_data, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "stage 1 never got" in proc.stderr and "Traceback" not in proc.stderr
     assert [r["stage"] for r in _rounds(tmp_path / "out")] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("algorithm", ["fedmoe", "random_moe"])
+def test_a_client_no_expert_set_can_fit_stops_the_run_before_stage1(shared_data, tmp_path, algorithm):
+    # tiny-switch's dense part is ~98 % of a u = 0.3 budget: α = 0.9 leaves less than it, whatever p
+    over = {"model.name": '"tiny-switch-transformers"', "fedmoe.alpha": 0.9, "algorithm": f'"{algorithm}"'}
+    with pytest.raises(BudgetError, match=r"Client \d+ cannot hold its submodel: dense part") as err:
+        Run(_cfg(shared_data, **over), tmp_path / "stop")
+    assert "set fedmoe.alpha to at least" in err.value.fix
+    assert not (tmp_path / "stop" / "rounds.jsonl").exists() or not _rounds(tmp_path / "stop")  # nothing ran
+    # leaving such clients out is still possible, and they are recorded once the sets are drawn
+    summary = run_experiment(_cfg(shared_data, **over, **{"federation.exclude_unfit": "true"}), tmp_path / "skip")
+    assert summary["excluded"] and all("dense part" in why for why in summary["excluded"].values())

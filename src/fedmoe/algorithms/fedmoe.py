@@ -23,7 +23,7 @@ import numpy as np
 
 from fedmoe.algorithms import AlgorithmSpec
 from fedmoe.core.recommend import cosine_top_k, estimate_p_hat, recommend
-from fedmoe.core.search import ExpertSets, expert_count, random_expert_sets, theta_search
+from fedmoe.core.search import ExpertSets, expert_count, fit_error, random_expert_sets, theta_search
 from fedmoe.errors import BudgetError
 
 #: this algorithm's registry entry (read by :func:`fedmoe.algorithms.discover`)
@@ -164,6 +164,20 @@ def predict_p(
                 raise ValueError(f"predict_p: no client of task {task!r} reported p (client {cid}).")
             same = list(reports.values())
         out[cid] = mean(same)
+    return out
+
+
+def unfit_clients(memory: MemoryTable, alpha: float) -> dict[int, BudgetError]:
+    """Clients no expert set can fit under the stage-1 budget rule, whatever p stage 1 measures
+    (:func:`~fedmoe.core.search.fit_error` under every cost table the client may train with), with
+    the error :func:`initial_expert_sets` would raise for them — so a run can stop before stage 1."""
+    options = [False, True] if memory.checkpointed is not None else [False]
+    out: dict[int, BudgetError] = {}
+    for cid in sorted(memory.budgets):
+        errors = [fit_error(*memory.costs(ckpt, cid), memory.budgets[cid], alpha, client_id=cid,
+                            fixed_bytes=memory.fixed_bytes) for ckpt in options]
+        if all(e is not None for e in errors):
+            out[cid] = errors[0]  # type: ignore[assignment]
     return out
 
 

@@ -89,6 +89,21 @@ def _budget_error(client_id: int | None, what: str, needed: float, cap: float, b
     )
 
 
+def fit_error(dense_bytes: float, expert_bytes: np.ndarray, budget_bytes: float, alpha: float, *,
+              client_id: int | None = None, fixed_bytes: float = 0.0) -> BudgetError | None:
+    """The error :func:`theta_search` / :func:`random_expert_sets` would raise for *every* p (or
+    draw), known before any training: the dense part alone, or the dense part with the cheapest
+    expert of every layer, exceeds the cap ``F + α·(M − F)``. ``None`` when some set can fit."""
+    eb = _as_2d(expert_bytes, "expert_bytes")
+    cap = search_cap(budget_bytes, alpha, fixed_bytes)
+    if dense_bytes > cap:
+        return _budget_error(client_id, "dense part", dense_bytes, cap, budget_bytes, alpha, fixed_bytes)
+    least = float(dense_bytes) + float(eb.min(axis=1).sum())
+    if least > cap:
+        return _budget_error(client_id, "dense + one expert per layer =", least, cap, budget_bytes, alpha, fixed_bytes)
+    return None
+
+
 def theta_search(
     p: np.ndarray,
     dense_bytes: float,

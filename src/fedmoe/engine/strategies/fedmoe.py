@@ -38,6 +38,9 @@ class FedMoEStrategy(Strategy):
         self.info = {cid: (c.task, c.num_train) for cid, c in inp.clients.items()}
         self.start_counts: dict[str, float] | None = None
         self.reports: dict[int, tuple[str, int, np.ndarray]] = {}
+        unfit = algo.unfit_clients(self.mem.table, self.fc.alpha)
+        if unfit and not self.fed.exclude_unfit:
+            raise next(iter(unfit.values()))  # before stage 1: its result could not change this
 
     # -- rounds --------------------------------------------------------------------------
     def _stage1_rounds(self) -> int:
