@@ -60,6 +60,7 @@ def build_node_state(cfg: ExperimentConfig) -> NodeState:
     ones its ``partition-id`` selects.
     """
     seed_everything(cfg.seed)
+    prepare_measurement(cfg)
     base, family, tokenizer = load_model(cfg.model.name, cfg.seed, cfg.model.dtype)
     for p in base.parameters():
         p.requires_grad_(False)
@@ -69,6 +70,15 @@ def build_node_state(cfg: ExperimentConfig) -> NodeState:
     trainables = Trainables(family, t.finetune, LoraSpec.of(t), {}, UnitLayout())
     return NodeState(cfg, base, family, ctx, {c.client_id: c for c in fed.clients}, trainables,
                      model_fingerprint(base))
+
+
+def prepare_measurement(cfg: ExperimentConfig) -> None:
+    """With ``engine.measure_memory`` on, set the process up for measuring client turns before it
+    loads anything large (:func:`fedmoe.moe.memory.prepare_process`; a no-op on CUDA and after the first call)."""
+    if cfg.engine.measure_memory:
+        from fedmoe.moe.memory import prepare_process
+
+        prepare_process(pick_device(cfg.engine.device))
 
 
 def measure_fn(cfg: ExperimentConfig) -> Callable[[Callable[[], Any]], tuple[Any, int]]:

@@ -23,6 +23,7 @@ from fedmoe.engine.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from fedmoe.engine.client import ClientContext, evaluate_client
 from fedmoe.engine.faults import parse_faults
 from fedmoe.engine.fingerprint import model_fingerprint
+from fedmoe.engine.node import prepare_measurement
 from fedmoe.engine.payload import payload_size, save_tensors_file
 from fedmoe.engine.records import ClientRecord, RoundRecord
 from fedmoe.engine.strategies import get_strategy
@@ -47,6 +48,7 @@ class Run:
         self.strategy = get_strategy(cfg.algorithm)
         self.cfg, self.out, self.progress = cfg, out_dir, progress
         seed_everything(cfg.seed)
+        prepare_measurement(cfg)
         self.base, self.family, self.tokenizer = load_model(cfg.model.name, cfg.seed, cfg.model.dtype)
         for p in self.base.parameters():
             p.requires_grad_(False)

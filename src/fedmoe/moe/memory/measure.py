@@ -53,8 +53,8 @@ def use_mmap_for_large_allocations(threshold: int = 1 << 16) -> bool:
     """glibc ``mallopt(M_MMAP_THRESHOLD, threshold)``: serve allocations above ``threshold`` with
     their own ``mmap``, returned to the OS on free. Without it glibc raises the threshold
     dynamically (up to 32 MiB) and freed tensors stay in the heap, so RSS peaks include heap
-    fragmentation. :func:`measure_in_subprocess` sets it in its fresh process (it slows large
-    allocations a little, so it is not set in-process); returns False where unavailable."""
+    fragmentation. :func:`prepare_process` sets it where memory is measured (it slows large
+    allocations a little, so it is not set otherwise); returns False where unavailable."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
@@ -161,10 +161,24 @@ def measure_client_turn(fn: Callable[[], T], device: str | torch.device | None =
         result = fn()
         torch.cuda.synchronize(dev)
         return result, max(0, torch.cuda.max_memory_reserved(dev) - before)
-    if not _MMAP_SET:
-        _MMAP_SET.append(use_mmap_for_large_allocations())
-        warm_up_training()
+    prepare_process(dev)
     return measure_peak(fn, dev)
+
+
+def prepare_process(device: str | torch.device | None = "auto") -> None:
+    """Once per process, on CPU: large allocations served by their own mappings
+    (:func:`use_mmap_for_large_allocations`) and :func:`warm_up_training`. Call it *before* the
+    process's first large allocations (the engine does so when ``engine.measure_memory`` is on,
+    before it loads the model): glibc serves a request from a free heap chunk that fits before it
+    considers ``mmap``, so a heap that earlier work left fragmented (loading the model, HFedMoE's
+    selection pass over the full MoE) would keep feeding training from freed, trimmed pages and the
+    turn's peak would count that fragmentation (measured: an HFedMoE turn on the stand-in, 651 MiB
+    above its baseline with the threshold set after the selection pass, 300 MiB with it set first).
+    :func:`measure_client_turn` calls it too (a no-op after the first call)."""
+    if _resolve_device(device).type == "cuda" or _MMAP_SET:
+        return
+    _MMAP_SET.append(use_mmap_for_large_allocations())
+    warm_up_training()
 
 
 def warm_up_training() -> None:
