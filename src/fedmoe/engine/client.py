@@ -20,7 +20,7 @@ from fedmoe.engine.node_plans import ClientStore, NodeTurn, SlotStore, build_nod
 from fedmoe.engine.payload import from_bytes, from_wire, to_bytes, to_wire
 from fedmoe.engine.protocols import ClientContext
 from fedmoe.engine.trainables import Trainables
-from fedmoe.moe.memory import tensor_bytes
+from fedmoe.moe.memory import rehearse_once, tensor_bytes
 from fedmoe.moe.routing import RoutingStats
 from fedmoe.moe.slicing import ExpertMap, SubMoE
 from fedmoe.train.evaluate import evaluate, evaluate_with_predictions
@@ -148,6 +148,8 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
     # exist when the measurement starts (on CUDA, `.to(device)` inside it counts them)
     held = tensor_bytes(sub.model) if ctx.device.type == "cpu" else 0
     warm_metric(task, client)
+    if ctx.cfg.engine.measure_memory:
+        rehearse_once(lambda: _rehearsal(ctx, client, sub, trainables, download, train_cfg, seed))
     (model, res, scores, p, extra_up), peak = measure(work)
     peak = peak + held if peak else 0
     trainables.keep_personal(model)
@@ -162,6 +164,21 @@ def run_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
                         extra=from_bytes(extra_up_bytes), extra_down_bytes=len(extra_bytes))
     reply.extra_up_bytes = len(extra_up_bytes)
     return reply, model
+
+
+def _rehearsal(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: Trainables, download: bytes,
+               train_cfg: Any, seed: int) -> None:
+    """One local step on a throwaway copy of ``sub``, on the client's longest examples (by text
+    length): the first use of the math libraries at this model's shapes sets up buffers the process
+    keeps (docs/memory.md) — process set-up, like :func:`warm_metric`, not the first turn's cost."""
+    import copy
+
+    model = trainables.wrap(copy.deepcopy(sub)).to(ctx.device)
+    trainables.load(model, from_wire(from_bytes(download), ctx.cfg.engine.wire_dtype))
+    longest = sorted(client.train, key=lambda ex: len(repr(ex)), reverse=True)[: train_cfg.batch_size]
+    one = dataclasses.replace(train_cfg, max_local_steps=1, local_epochs=1)
+    local_train(model, ctx.family, ctx.kind, ctx.tasks[client.task], longest, ctx.tokenizer, one, ctx.cfg.data,
+                ctx.device, seed)
 
 
 def evaluate_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: Trainables,

@@ -148,6 +148,7 @@ from fedmoe.moe.memory.measure import (
     measure_training_step_subprocess,
     prepare_process,
     ratio,
+    rehearse_once,
     release_free_memory,
     tensor_bytes,
     use_mmap_for_large_allocations,
@@ -170,6 +171,6 @@ __all__ = [
     "ActivationFactors", "AdamImpl", "Finetune", "LayerSpec", "LossFn", "MemoryTable", "ModelShape",
     "StepMeasurement", "TrainingMemoryModel", "dtype_bytes", "estimate_for_model", "make_batch", "measure_client_turn", "measure_in_subprocess", "prepare_process",
     "measure_peak", "measure_training_step", "measure_training_step_subprocess", "memory_breakdown",
-    "memory_model_for", "param_bytes_by_unit", "ratio", "release_free_memory", "submodel_training_bytes",
+    "memory_model_for", "param_bytes_by_unit", "ratio", "rehearse_once", "release_free_memory", "submodel_training_bytes",
     "tensor_bytes", "training_bytes", "training_table", "unit_training_bytes", "use_mmap_for_large_allocations",
 ]

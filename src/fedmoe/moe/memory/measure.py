@@ -49,8 +49,17 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-def use_mmap_for_large_allocations(threshold: int = 1 << 16) -> bool:
-    """glibc ``mallopt(M_MMAP_THRESHOLD, threshold)``: serve allocations above ``threshold`` with
+#: glibc ``M_MMAP_THRESHOLD`` where memory is measured: one page. Requests of a page or more get
+#: their own mapping, so freed tensors leave resident memory at once. At 64 KiB (the first setting)
+#: a tiny model's small tensors still came from the heap, whose fragmentation the peak counted:
+#: ``tiny-switch-transformers`` at 8 × 64 measured 11.6–12.7 MiB per turn for 9.7–11.2 MiB priced
+#: (ratio 0.80–0.90); at 4 KiB 9.6–12.2 MiB (0.95–1.07), the ``minilm-moe-8e`` turns unchanged (±0.6 MiB)
+#: and no slower (benchmarks/memory/client_turns.md).
+MMAP_THRESHOLD_BYTES = 1 << 12
+
+
+def use_mmap_for_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """glibc ``mallopt(M_MMAP_THRESHOLD, threshold)``: serve allocations of ``threshold`` or more with
     their own ``mmap``, returned to the OS on free. Without it glibc raises the threshold
     dynamically (up to 32 MiB) and freed tensors stay in the heap, so RSS peaks include heap
     fragmentation. :func:`prepare_process` sets it where memory is measured (it slows large
@@ -179,6 +188,32 @@ def prepare_process(device: str | torch.device | None = "auto") -> None:
         return
     _MMAP_SET.append(use_mmap_for_large_allocations())
     warm_up_training()
+
+
+_REHEARSED: list[bool] = []
+
+
+def rehearse_once(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` the first time this is called in the process (later calls do nothing), with the
+    random states of torch, NumPy and ``random`` restored afterwards, so that runs stay identical
+    whether or not memory is measured. The engine passes one local step on a copy of the first
+    turn's sub-MoE (:func:`fedmoe.engine.client.run_client`): the math libraries keep buffers from
+    their first use at the model's shapes, which :func:`warm_up_training`'s small layers cannot set
+    up (``tiny-mixtral`` from ``configs/tiny.toml``: the process's first turn measured 9.7 MiB, the
+    later ones 7.0–7.9 MiB)."""
+    import random
+
+    import numpy as np
+
+    if _REHEARSED:
+        return
+    _REHEARSED.append(True)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        fn()
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    release_free_memory()
 
 
 def warm_up_training() -> None:
