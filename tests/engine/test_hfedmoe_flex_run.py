@@ -239,3 +239,16 @@ def test_resume_replays_exactly(tmp_path, shared_data, algorithm: str):
     assert a == b
     ta, tb = load_file(str(ref / "global_trainable.safetensors")), load_file(str(resumed / "global_trainable.safetensors"))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="real data not found")
+def test_flex_says_up_front_which_budgets_cannot_hold_its_model(tmp_path):
+    from fedmoe.errors import DataNotice
+
+    with pytest.warns(DataNotice, match=r"FLEx does not enforce memory budgets") as notes:
+        run = Run(_cfg("flex"), tmp_path)
+    t = run.plan.table
+    short = sorted(c for c in run.clients if t.budgets[c] < t.full_bytes(c))
+    assert short  # this configuration's budgets (u from 0.3) include some below the whole MoE
+    text = str(next(n.message for n in notes if "FLEx" in str(n.message)))
+    assert f"{len(short)} of {len(run.clients)} clients ({', '.join(map(str, short))})" in text

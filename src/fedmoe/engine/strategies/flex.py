@@ -40,6 +40,7 @@ import copy
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,7 @@ from fedmoe.engine.node_plans import ExtraUp, NodeTurn, register_client_kind, re
 from fedmoe.engine.strategies.base import NewGlobal, RoundPlan, SetupInput, Strategy
 from fedmoe.engine.strategies.hfedmoe import client_batches
 from fedmoe.engine.trainables import HEAD_TASKS, Trainables, _other_heads
-from fedmoe.errors import ConfigError
+from fedmoe.errors import ConfigError, DataNotice
 from fedmoe.moe.families import MoEFamily
 from fedmoe.moe.graft import choose_personal_experts, graft_side_experts, mark_side_trainable, side_parameters
 from fedmoe.moe.lora import HEAD_PATTERNS, LoraSpec, load_trainable_state, trainable_state
@@ -228,6 +229,14 @@ class FlexStrategy(Strategy):
         if inp.section.max_choice_examples < 0:
             raise ConfigError(f"flex.max_choice_examples = {inp.section.max_choice_examples} is negative.",
                               "use 0 (the whole train split) or a positive count.")
+        table = inp.plan.table
+        short = sorted(c for c in inp.clients if table.budgets[c] < table.full_bytes(c))
+        if short:  # said up front, not only counted in over_budget_turns afterwards
+            warnings.warn(DataNotice(
+                f"FLEx does not enforce memory budgets (docs/algorithms.md §4.4): each client holds the whole MoE, "
+                f"priced {min(table.full_bytes(c) for c in short) / 2**20:.1f} MiB or more, above the budgets of "
+                f"{len(short)} of {len(inp.clients)} clients ({', '.join(map(str, short))}); their turns may "
+                "measure above them (over_budget in rounds.jsonl)."), stacklevel=2)
         trainables = FlexTrainables.create_shared(inp.model, inp.family, inp.lora, inp.seed)
         self.state = algo.init_state(trainables.state)
         self.full = [list(range(n)) for n in inp.plan.num_experts]
