@@ -53,8 +53,8 @@ def release_free_memory() -> None:
 #: their own mapping, so freed tensors leave resident memory at once. At 64 KiB (the first setting)
 #: a tiny model's small tensors still came from the heap, whose fragmentation the peak counted:
 #: ``tiny-switch-transformers`` at 8 × 64 measured 11.6–12.7 MiB per turn for 9.7–11.2 MiB priced
-#: (ratio 0.80–0.90); at 4 KiB 9.6–12.2 MiB (0.95–1.07), the ``minilm-moe-8e`` turns unchanged (±0.6 MiB)
-#: and no slower (benchmarks/memory/client_turns.md).
+#: (ratio 0.80–0.90); at 4 KiB price / measured 0.91–1.08, a ``minilm-moe-8e`` turn unchanged (± 0.6 MiB)
+#: and no slower (benchmarks/memory/client_turns.md, docs/memory.md).
 MMAP_THRESHOLD_BYTES = 1 << 12
 
 
