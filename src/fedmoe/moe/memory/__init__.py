@@ -126,7 +126,8 @@ are included; :func:`measure_in_subprocess` does so in a fresh process.
 
 # Layout: ``units`` (bytes per element, the additive table, parameter bytes per unit), ``shapes``
 # (per-token activation factors and model shapes), ``formula`` (the training-memory model and its
-# per-unit split), ``measure`` (peaks of real steps). Everything public is re-exported here.
+# per-unit split), ``measure`` (peaks of real steps), ``process`` (the measuring process's set-up). Everything
+# public is re-exported here.
 from fedmoe.moe.memory.formula import (
     TrainingMemoryModel,
     estimate_for_model,
