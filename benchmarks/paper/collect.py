@@ -7,6 +7,10 @@ copies exactly as it reads the runs, so every number regenerates from the commit
 
     python benchmarks/paper/collect.py runs/paper/standin docs/results/standin
     fedmoe report docs/results/standin --out /tmp/standin-report
+
+``--keep-existing`` adds only cells the destination does not have yet (a cell re-run elsewhere and
+copied in by hand stays as it is) and appends the source log's new lines to the destination's
+``grid_log.jsonl`` instead of replacing it.
 """
 
 from __future__ import annotations
@@ -19,20 +23,30 @@ from pathlib import Path
 KEEP = ("summary.json", "rounds.jsonl", "config.toml", "p_by_task.json")
 
 
-def collect(src: Path, dst: Path) -> list[Path]:
-    """Copy the kept files of every finished cell below ``src`` to the same place below ``dst``."""
+def collect(src: Path, dst: Path, keep_existing: bool = False) -> list[Path]:
+    """Copy the kept files of every finished cell below ``src`` to the same place below ``dst``
+    (with ``keep_existing``, only cells ``dst`` does not have; the log's new lines are appended)."""
     copied = []
     for summary in sorted(src.rglob("summary.json")):
         cell = summary.parent
         target = dst / cell.relative_to(src)
+        if keep_existing and (target / "summary.json").is_file():
+            continue
         target.mkdir(parents=True, exist_ok=True)
         for name in KEEP:
             if (cell / name).is_file():
                 shutil.copy2(cell / name, target / name)
         copied.append(target)
-    if (src / "grid_log.jsonl").is_file():
+    log, dst_log = src / "grid_log.jsonl", dst / "grid_log.jsonl"
+    if log.is_file():
         dst.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / "grid_log.jsonl", dst / "grid_log.jsonl")
+        if keep_existing and dst_log.is_file():
+            have = set(dst_log.read_text().splitlines())
+            new = [line for line in log.read_text().splitlines() if line.strip() and line not in have]
+            with dst_log.open("a") as f:
+                f.writelines(line + "\n" for line in new)
+        else:
+            shutil.copy2(log, dst_log)
     return copied
 
 
@@ -40,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path, help="grid output root, e.g. runs/paper/standin")
     ap.add_argument("dst", type=Path, help="where the small files go, e.g. docs/results/standin")
+    ap.add_argument("--keep-existing", action="store_true",
+                    help="add only cells dst does not have; append new grid_log lines")
     args = ap.parse_args(argv)
-    cells = collect(args.src, args.dst)
+    cells = collect(args.src, args.dst, keep_existing=args.keep_existing)
     print(f"{len(cells)} finished cell(s) → {args.dst}")
     return 0
 

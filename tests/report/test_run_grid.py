@@ -87,3 +87,26 @@ def test_collect_keeps_only_small_outputs_of_finished_cells(tmp_path):
     got = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
     assert got == ["enforced-hetero-t/fedmoe/seed0/config.toml", "enforced-hetero-t/fedmoe/seed0/rounds.jsonl",
                    "enforced-hetero-t/fedmoe/seed0/summary.json", "grid_log.jsonl"]
+
+
+def test_collect_keep_existing_adds_only_new_cells_and_appends_the_log(tmp_path):
+    spec = importlib.util.spec_from_file_location("collect", REPO / "benchmarks" / "paper" / "collect.py")
+    col = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(col)
+    src, dst = tmp_path / "runs", tmp_path / "docs"
+    old, new = src / "e" / "fedprox" / "seed1", src / "e" / "fedprox" / "seed2"
+    for d in (old, new):
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text("from the grid")
+    kept = dst / "e" / "fedprox" / "seed1"
+    kept.mkdir(parents=True)
+    (kept / "summary.json").write_text("re-run, copied by hand")
+    (src / "grid_log.jsonl").write_text('{"cell": "a"}\n{"cell": "b"}\n')
+    (dst / "grid_log.jsonl").write_text('{"cell": "a"}\n{"cell": "a", "commit": "x"}\n')
+    assert col.collect(src, dst, keep_existing=True) == [dst / "e" / "fedprox" / "seed2"]
+    assert (kept / "summary.json").read_text() == "re-run, copied by hand"
+    assert (dst / "e" / "fedprox" / "seed2" / "summary.json").read_text() == "from the grid"
+    assert (dst / "grid_log.jsonl").read_text().splitlines() == ['{"cell": "a"}', '{"cell": "a", "commit": "x"}',
+                                                                 '{"cell": "b"}']
+    col.collect(src, dst)  # without it, everything is replaced
+    assert (kept / "summary.json").read_text() == "from the grid"
