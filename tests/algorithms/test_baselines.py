@@ -184,7 +184,8 @@ def test_random_moe_sets_respect_budgets_and_differ_across_seeds():
         assert sorted(state.expert_sets) == [0, 1, 2, 3] and not state.excluded
         for cid, sets in state.expert_sets.items():
             assert all(len(layer) >= 1 for layer in sets)
-            assert set_bytes(sets, table.expert_bytes, table.dense_bytes) <= alpha * table.budgets[cid]
+            d = table.dense_bytes  # the cap: α's share of the budget above the dense part
+            assert set_bytes(sets, table.expert_bytes, d) <= d + alpha * (table.budgets[cid] - d)
     assert runs[0].expert_sets != runs[1].expert_sets
     again = random_moe.initial_sets(table, np.random.default_rng(0), alpha=alpha)
     assert again.expert_sets == runs[0].expert_sets  # deterministic given the generator
@@ -192,7 +193,7 @@ def test_random_moe_sets_respect_budgets_and_differ_across_seeds():
 
 def test_random_moe_unfit_client_fails_loudly_or_is_excluded():
     table = _table()
-    table.budgets[9] = 110.0  # dense part 100 > α·M = 0.9·110 = 99
+    table.budgets[9] = 110.0  # dense 100 + one expert per layer (27) > 100 + 0.9·(110 − 100) = 109
     with pytest.raises(BudgetError, match="Client 9"):
         random_moe.initial_sets(table, np.random.default_rng(0))
     state = random_moe.initial_sets(table, np.random.default_rng(0), exclude_unfit=True)

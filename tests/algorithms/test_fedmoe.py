@@ -55,7 +55,7 @@ P0 = np.array([[0.5, 0.3, 0.2, 0.0], [0.1, 0.6, 0.3, 0.0]])
 
 
 def test_initial_expert_sets_theta_search_and_exclusion() -> None:
-    mem = MemoryTable(100.0, np.full((2, 4), 10.0), {0: 280.0, 1: 100.0, 2: 1e9})
+    mem = MemoryTable(100.0, np.full((2, 4), 10.0), {0: 180.0, 1: 100.0, 2: 1e9})  # client 0: cap 100 + 0.5·80
     p = {0: P0, 1: P0, 2: P0}
     with pytest.raises(BudgetError, match="Client 1"):
         initial_expert_sets(FedMoEServerState(), p, mem, alpha=0.5)

@@ -92,11 +92,11 @@ def test_compute_budget() -> None:
     assert compute_budget(160, 100, eb) == 1
     assert compute_budget(210, 100, eb) == 2
     assert compute_budget(1000, 100, eb) == 3
-    assert compute_budget(420, 100, eb, alpha=0.5) == 2
-    # α applies above the fixed share F that the dense part and the budget both carry
-    assert compute_budget(1420, 1100, eb, alpha=0.5, fixed_bytes=1000) == 2
-    with pytest.raises(BudgetError):  # α on the whole budget: 0.5·1420 = 710 < the dense part 1100
-        compute_budget(1420, 1100, eb, alpha=0.5)
+    assert compute_budget(320, 100, eb, alpha=0.5) == 2  # cap 100 + 0.5·220 = 210: C = 2 costs 200, C = 3 220
+    # α applies above the dense part, so a share both carry (the runtime's fixed bytes) changes nothing
+    assert compute_budget(1320, 1100, eb, alpha=0.5) == 2
+    # α on the whole budget would have stopped this client (0.5·1420 = 710 < the dense part 1100)
+    assert compute_budget(1420, 1100, eb, alpha=0.5) == 3  # cap 1100 + 0.5·320 = 1260 ≥ 1220
     with pytest.raises(BudgetError):
         compute_budget(159, 100, eb)
 

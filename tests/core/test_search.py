@@ -39,8 +39,8 @@ def test_set_bytes_and_count() -> None:
 
 
 def test_theta_search_hand_table() -> None:
-    # cap = 0.5·280 = 140 = dense 100 + 4 experts of 10: θ = 0.7 is the last that needs only 4
-    theta, sets = theta_search(P, 100.0, TEN, 280.0, alpha=0.5, tol=1e-4, client_id=3)
+    # cap = 100 + 0.5·(180 − 100) = 140 = dense 100 + 4 experts of 10: θ = 0.7 is the last that needs only 4
+    theta, sets = theta_search(P, 100.0, TEN, 180.0, alpha=0.5, tol=1e-4, client_id=3)
     assert 0.7 - 1e-4 <= theta <= 0.7 + 1e-9
     assert sets == [[0, 1], [1, 2]]
     # cap 130: 3 experts → θ = 0.6 (layer 0: 0.5+0.2, layer 1: 0.6); above 0.6 layer 1 needs two
@@ -58,20 +58,22 @@ def test_theta_search_non_uniform_bytes() -> None:
     assert 0.5 - 1e-4 <= theta <= 0.5 + 1e-9 and sets == [[0], [1]]
 
 
-def test_alpha_applies_above_the_fixed_share() -> None:
-    # F + α·(M − F): F = 1000 added to the dense part and the budget leaves every pick unchanged
+def test_alpha_applies_above_the_dense_part() -> None:
+    # D + α·(M − D): α keeps headroom in the experts' share, never in the dense part
     assert search_cap(280.0, 0.5) == 140.0
-    assert search_cap(1280.0, 0.5, fixed_bytes=1000.0) == 1000.0 + 0.5 * 280.0
-    for budget, alpha in ((280.0, 0.5), (130.0, 1.0), (150.0, 0.9), (135.0, 0.9)):
-        assert theta_search(P, 1100.0, TEN, budget + 1000.0, alpha=alpha, fixed_bytes=1000.0) == \
-            theta_search(P, 100.0, TEN, budget, alpha=alpha)
-        assert random_expert_sets(TEN, 1100.0, budget + 1000.0, alpha, np.random.default_rng(3), fixed_bytes=1000.0) == \
+    assert search_cap(280.0, 0.5, dense_bytes=100.0) == 100.0 + 0.5 * 180.0
+    assert search_cap(90.0, 0.5, dense_bytes=100.0) == 90.0  # below the dense part: the budget itself
+    # a share both the dense part and the budget carry (the runtime's fixed bytes) leaves every pick unchanged
+    for budget, alpha in ((180.0, 0.5), (130.0, 1.0), (150.0, 0.9), (135.0, 0.9)):
+        assert theta_search(P, 1100.0, TEN, budget + 1000.0, alpha=alpha) == theta_search(P, 100.0, TEN, budget, alpha=alpha)
+        assert random_expert_sets(TEN, 1100.0, budget + 1000.0, alpha, np.random.default_rng(3)) == \
             random_expert_sets(TEN, 100.0, budget, alpha, np.random.default_rng(3))
-    # α on the whole budget instead: 0.5·1280 = 640 < the dense part 1100
-    with pytest.raises(BudgetError):
-        theta_search(P, 1100.0, TEN, 1280.0, alpha=0.5)
-    with pytest.raises(BudgetError, match=r"F \+ α·\(M − F\) = 1000 \+ 0.5·\(1100 − 1000\) = 1050"):
-        theta_search(P, 1100.0, TEN, 1100.0, alpha=0.5, fixed_bytes=1000.0, client_id=2)
+    # a dense part that is most of the budget (tiny-switch: ≈ 98 %) still leaves α's share for experts;
+    # α on the whole budget (0.5·1280 = 640 < 1100) would have stopped this client
+    theta, sets = theta_search(P, 1100.0, TEN, 1280.0, alpha=0.5)  # cap 1100 + 0.5·180 = 1190
+    assert expert_count(sets) == 7 and set_bytes(sets, TEN, 1100.0) <= 1190.0
+    with pytest.raises(BudgetError, match=r"D \+ α·\(M − D\) = 1100 \+ 0.5·\(1110 − 1100\) = 1105"):
+        theta_search(P, 1100.0, TEN, 1110.0, alpha=0.5, client_id=2)  # one expert per layer: 1120
 
 
 def test_theta_one_when_everything_fits() -> None:
@@ -80,12 +82,13 @@ def test_theta_one_when_everything_fits() -> None:
 
 
 def test_budget_errors_name_client_and_numbers() -> None:
-    with pytest.raises(BudgetError, match=r"Client 4 .*dense part 200 bytes > .*0.9·200 = 180"):
-        theta_search(P, 200.0, TEN, 200.0, alpha=0.9, client_id=4)
-    # the budget holds the dense part (190 ≤ 200) but α·M does not: the fix names the α that would
+    with pytest.raises(BudgetError, match=r"Client 4 .*dense part 200 bytes > its budget = 190 bytes"):
+        theta_search(P, 200.0, TEN, 190.0, alpha=0.9, client_id=4)
+    # the budget holds one expert per layer (120 ≤ 121) but α's share does not (100 + 0.9·21 = 118.9):
+    # the fix names the α that would, (120 − 100) / (121 − 100) = 0.952…
     with pytest.raises(BudgetError) as err:
-        theta_search(P, 190.0, TEN, 200.0, alpha=0.9, client_id=4)
-    assert "set fedmoe.alpha to at least 0.95" in err.value.fix
+        theta_search(P, 100.0, TEN, 121.0, alpha=0.9, client_id=4)
+    assert "set fedmoe.alpha to at least 0.953" in err.value.fix
     with pytest.raises(BudgetError, match=r"Client 5 .*one expert per layer = 120 bytes > .*= 115"):
         theta_search(P, 100.0, TEN, 115.0, alpha=1.0, client_id=5)
     with pytest.raises(BudgetError, match="Client 6"):
@@ -96,8 +99,10 @@ def test_fit_error_is_what_every_search_would_raise() -> None:
     # known before any p: dense alone, or dense + the cheapest expert of every layer, over the cap
     assert fit_error(100.0, TEN, 1000.0, 0.9) is None
     assert fit_error(100.0, TEN, 120.0, 1.0) is None  # 100 + 10 + 10 = 120 fits exactly
-    err = fit_error(190.0, TEN, 200.0, 0.9, client_id=4)
-    assert err is not None and "dense part 190 bytes" in err.what and "at least 0.95" in err.fix
+    err = fit_error(200.0, TEN, 190.0, 0.9, client_id=4)
+    assert err is not None and "dense part 200 bytes > its budget" in err.what
+    err = fit_error(100.0, TEN, 121.0, 0.9, client_id=4)
+    assert err is not None and "one expert per layer = 120 bytes" in err.what and "at least 0.953" in err.fix
     err = fit_error(100.0, TEN, 115.0, 1.0, client_id=5)
     assert err is not None and "one expert per layer = 120 bytes > " in err.what
     for p in (P, P[:, ::-1].copy()):  # whatever p: the θ search fails too
@@ -143,11 +148,12 @@ def test_random_sets_respect_budget_and_are_maximal(seed: int, frac: float, alph
     rng = np.random.default_rng(seed)
     eb = rng.integers(1, 20, size=(3, 5)).astype(float)
     dense = 30.0
-    budget = (dense + eb.max(axis=1).sum() + frac * eb.sum()) / alpha
+    budget = dense + (eb.max(axis=1).sum() + frac * eb.sum()) / alpha
+    cap = dense + alpha * (budget - dense)  # α's share of the budget above the dense part
     sets = random_expert_sets(eb, dense, budget, alpha, np.random.default_rng(seed))
     used = set_bytes(sets, eb, dense)
-    assert used <= alpha * budget + 1e-9
+    assert used <= cap + 1e-9
     assert all(len(layer) >= 1 and layer == sorted(set(layer)) for layer in sets)
     # skip-and-continue rule: no expert left out would still fit
-    assert all(used + eb[i, j] > alpha * budget for i in range(3) for j in range(5) if j not in sets[i])
+    assert all(used + eb[i, j] > cap for i in range(3) for j in range(5) if j not in sets[i])
     assert sets == random_expert_sets(eb, dense, budget, alpha, np.random.default_rng(seed))

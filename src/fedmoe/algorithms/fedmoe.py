@@ -174,8 +174,8 @@ def unfit_clients(memory: MemoryTable, alpha: float) -> dict[int, BudgetError]:
     options = [False, True] if memory.checkpointed is not None else [False]
     out: dict[int, BudgetError] = {}
     for cid in sorted(memory.budgets):
-        errors = [fit_error(*memory.costs(ckpt, cid), memory.budgets[cid], alpha, client_id=cid,
-                            fixed_bytes=memory.fixed_bytes) for ckpt in options]
+        errors = [fit_error(*memory.costs(ckpt, cid), memory.budgets[cid], alpha, client_id=cid)
+                  for ckpt in options]
         if all(e is not None for e in errors):
             out[cid] = errors[0]  # type: ignore[assignment]
     return out
@@ -219,11 +219,10 @@ def initial_expert_sets(
             rng = copy.deepcopy(random_init)  # both options draw from the same stream; the chosen one advances it
             try:
                 if rng is None:
-                    found[ckpt] = (*theta_search(pk, dense, eb, memory.budgets[cid], alpha, tol, client_id=cid,
-                                                                fixed_bytes=memory.fixed_bytes), None)
+                    found[ckpt] = (*theta_search(pk, dense, eb, memory.budgets[cid], alpha, tol, client_id=cid), None)
                 else:
                     found[ckpt] = (None, random_expert_sets(eb, dense, memory.budgets[cid], alpha, rng,
-                                                            client_id=cid, fixed_bytes=memory.fixed_bytes), rng)
+                                                            client_id=cid), rng)
             except BudgetError as err:
                 error = error or err
         if not found:

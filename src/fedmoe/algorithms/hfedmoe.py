@@ -105,23 +105,22 @@ def select_active(I: Any, used_mask: Any, C_k: int, *, fallback: str = "all") ->
 
 def compute_budget(
     memory_budget: float, dense_bytes: float, expert_bytes: Any, *, alpha: float = 1.0,
-    client_id: ClientId | None = None, fixed_bytes: float = 0.0,
+    client_id: ClientId | None = None,
 ) -> int:
     """§3.1: C_k from a memory budget M_k (bytes).
 
     ``expert_bytes`` ``[L, E]`` is the training memory of each expert (0 = absent). C_k is the
     largest C such that ``dense_bytes + Σ_i (sum of the C largest expert_bytes[i])`` ≤
     ``alpha``·M_k: the worst case over which C experts per layer get selected, so every
-    selection fits (``alpha``, choice, default 1.0, is a safety factor as in FedMoE's α·M, and like
-    it applies above the fixed share ``fixed_bytes`` F that prices and budgets both include:
-    ``F + alpha·(M_k − F)``, :func:`fedmoe.core.search.search_cap`).
+    selection fits (``alpha``, choice, default 1.0, is a safety factor applied as in FedMoE, to the
+    share of the budget above the dense part: ``D + alpha·(M_k − D)``, :func:`fedmoe.core.search.search_cap`).
     Clipped to E. Raises :class:`BudgetError` when not even one expert per layer fits.
     """
     eb = np.asarray(expert_bytes, dtype=np.float64)
     if eb.ndim != 2:
         raise ValueError(f"expert_bytes must be [L, E], got shape {eb.shape}.")
     cum = np.cumsum(-np.sort(-eb, axis=1), axis=1).sum(axis=0)  # [E]: cost of C = 1..E
-    cap = search_cap(memory_budget, alpha, fixed_bytes)
+    cap = search_cap(memory_budget, alpha, dense_bytes)
     fits = np.flatnonzero(dense_bytes + cum <= cap)
     if fits.size == 0:
         need = dense_bytes + cum[0]

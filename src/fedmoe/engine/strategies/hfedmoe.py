@@ -142,8 +142,7 @@ class HFedMoEStrategy(Strategy):
             for ck in options:
                 dense, eb = table.costs(ck, cid)  # priced at the client's own batch
                 try:
-                    c_k[ck] = algo.compute_budget(table.budgets[cid], dense, eb, alpha=hc.alpha, client_id=cid,
-                                                     fixed_bytes=table.fixed_bytes)
+                    c_k[ck] = algo.compute_budget(table.budgets[cid], dense, eb, alpha=hc.alpha, client_id=cid)
                 except BudgetError as err:
                     errors.append(err)
             if not c_k:
