@@ -127,8 +127,8 @@ class TrainConfig:
 class FedMoEConfig:
     #: R1: stage-1 rounds of full-MoE LoRA fine-tuning by sufficient-memory clients
     stage1_rounds: int = 5
-    #: α: share of the budget used by the initial submodel search, above the fixed share F that prices
-    #: and budgets both include (mem − F ≤ α·(M − F); docs/algorithms.md §1.1 step 3 choice)
+    #: α: share of the budget above the dense part used by the initial submodel search
+    #: (mem ≤ D + α·(M − D); docs/algorithms.md §1.1 step 3 choice)
     alpha: float = 0.9
     #: bracket tolerance of the θ binary search
     theta_tol: float = 1e-4
@@ -168,7 +168,7 @@ class HFedMoEConfig:
     beta: float = 0.1
     #: τ of the sparsity-aware aggregation (§3.5 choice); < 0 = 1/(2·E_i) for MoE layer i
     tau: float = -1.0
-    #: safety factor on M_k (above the fixed share F, as fedmoe.alpha) when deriving C_k, the experts
+    #: safety factor on M_k's share above the dense part (as fedmoe.alpha) when deriving C_k, the experts
     #: per layer a client trains (§3.1 choice)
     alpha: float = 1.0
     #: training examples a client scores its experts on before each turn (0 = its whole train split)

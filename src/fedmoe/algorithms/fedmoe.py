@@ -55,8 +55,8 @@ class MemoryTable:
     per_client: dict[ClientId, tuple[float, np.ndarray]] = field(default_factory=dict)
     #: client → its checkpointed costs (only with ``checkpointed``)
     per_client_checkpointed: dict[ClientId, tuple[float, np.ndarray]] = field(default_factory=dict)
-    #: the fixed share F that every dense cost and every budget include (``RUNTIME_FIXED_BYTES``):
-    #: the searches apply α above it only (:func:`fedmoe.core.search.search_cap`)
+    #: the fixed share F that every dense cost and every budget include (``RUNTIME_FIXED_BYTES``; for
+    #: the record: the searches apply α above the whole dense part, :func:`fedmoe.core.search.search_cap`)
     fixed_bytes: float = 0.0
 
     def costs(self, checkpointing: bool, client: ClientId | None = None) -> tuple[float, np.ndarray]:

@@ -64,9 +64,9 @@ def _unit_training_bytes(model: nn.Module, family: MoEFamily, batch_size: int, s
 RUNTIME_SLACK = 1.02
 #: fixed bytes a turn adds whatever its size (small turns: tiny families at 8 × 64 measure
 #: +1.5–3.5 MiB above their tensors: small-allocation heap, Python and autograd objects),
-#: calibrated at 2 MiB. In every price and every budget; the searches' safety factors α apply
-#: above it only (``mem − F ≤ α·(M − F)``, :func:`fedmoe.core.search.search_cap`), so the
-#: experts they pick do not depend on it (checked on the stand-in grid's plans); docs/memory.md.
+#: calibrated at 2 MiB. In every price (with the dense part) and every budget; the searches' safety
+#: factors α apply to the share above the dense part (:func:`fedmoe.core.search.search_cap`), so the
+#: experts they pick do not depend on it; docs/memory.md.
 RUNTIME_FIXED_BYTES = 2.0 * 2**20
 
 
