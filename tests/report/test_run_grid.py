@@ -70,10 +70,15 @@ def test_setting_major_order_interleaves_parts_by_whole_seeds(rg):
     assert {c.seed for c in p1[:5] + p2[:5]} == {0, 1} and len(p1[:5] + p2[:5]) == 10
 
 
-def test_collect_keeps_only_small_outputs_of_finished_cells(tmp_path):
+def _collect_module():
     spec = importlib.util.spec_from_file_location("collect", REPO / "benchmarks" / "paper" / "collect.py")
     col = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(col)
+    return col
+
+
+def test_collect_keeps_only_small_outputs_of_finished_cells(tmp_path):
+    col = _collect_module()
     src, dst = tmp_path / "runs", tmp_path / "docs"
     done, running = src / "enforced-hetero-t" / "fedmoe" / "seed0", src / "enforced-hetero-t" / "fedprox" / "seed0"
     for d in (done, running):
@@ -90,9 +95,7 @@ def test_collect_keeps_only_small_outputs_of_finished_cells(tmp_path):
 
 
 def test_collect_keep_existing_adds_only_new_cells_and_appends_the_log(tmp_path):
-    spec = importlib.util.spec_from_file_location("collect", REPO / "benchmarks" / "paper" / "collect.py")
-    col = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(col)
+    col = _collect_module()
     src, dst = tmp_path / "runs", tmp_path / "docs"
     old, new = src / "e" / "fedprox" / "seed1", src / "e" / "fedprox" / "seed2"
     for d in (old, new):
