@@ -6,10 +6,14 @@ and run one client turn per task in ``--tasks`` (``Run._client``: extraction, do
 training, validation) with ``engine.measure_memory`` on. *predicted* is what the θ search prices that
 sub-MoE at (``run.plan.submodel_bytes``); *measured* is the turn's ``peak_memory_bytes`` on
 the basis budgets are stated in (docs/memory.md: the sub-MoE's weights + the peak the turn adds
-to its process; CPU: VmHWM, large allocations mmapped). Each model runs in a fresh process
-with one unrecorded warm-up turn first (lazy imports, kernel and thread-pool set-up);
-since a turn's peak depends on what its process ran before, each (model, size) runs in its own
-fresh process.
+to its process; CPU: VmHWM, large allocations mmapped). Each (model, size, task) runs in its own
+fresh process, as one client's process would: the engine's own set-up (``prepare_process``, the
+task's metric warm-up, the rehearsal step) and then the turns, the first of them recorded too.
+A turn's peak depends on what its process ran before: in one process shared by all three tasks,
+ROUGE's import (~400 MiB of small Python objects, for TS) leaves free heap fragments that later
+turns' small allocations reuse without touching new pages, so a tiny model's turn measured
+1–2 MiB less after it (``tiny-mixtral`` 8 × 64: 6.6–7.3 MiB after it, 8.0–8.9 MiB without;
+docs/memory.md).
 
 Batches are padded to their longest row (``fedmoe.train.batching``), so a turn's activations
 follow the longest *training batch it ran*, not ``data.max_seq_len``. The table also records
@@ -19,7 +23,7 @@ that length (*S used*: the widest collated training batch of the turn, decoder t
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory/client_turns.py          # all models
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory/client_turns.py --models minilm-moe-4e
-    ... --jobs 2      # (model, size) pairs in parallel (each in its own fresh process)
+    ... --jobs 2      # (model, size, task) processes in parallel
 
 Writes ``benchmarks/memory/client_turns.md`` (``--out`` to change).
 """
@@ -88,14 +92,12 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
         if sizes and f"{b}x{s}" not in sizes:
             continue
         cfg = turn_config(name, b, s, data_dir, steps, dtype)
-        out = Path(tmp) / f"{name}-{b}x{s}"
+        out = Path(tmp) / f"{name}-{b}x{s}-{'-'.join(tasks)}"
         out.mkdir(parents=True)
         run = Run(cfg, out)
         run._base_bytes = lambda cid, kept: 0  # byte accounting is not measured here
         n = run.plan.num_experts
         by_task = {run.clients[c].task: c for c in sorted(run.clients)}
-        full = [list(range(e)) for e in n]
-        run._client(by_task["tc"], full, 1, 0)  # warm-up, unrecorded
         for k in sorted({min(2, max(n)), min(4, max(n)), max(n)}):
             kept = [list(range(min(k, e))) for e in n]
             for task, cid in sorted((t, c) for t, c in by_task.items() if t in tasks):
@@ -139,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     rows: list[dict] = []
-    # a fresh process per model: clean VmHWM, no memory of other models
+    # one fresh process per (model, size, task), as one client's process: a turn's peak depends on what
+    # its process ran before (docs/memory.md: minilm-moe-4e RC at 8 × 192 measured 990.5 MiB after the
+    # 16 × 96 turns, 867.8 MiB in a fresh process; tiny-mixtral 1–2 MiB less after TS's ROUGE import)
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        # one process per (model, size): a turn's peak depends on what its process ran before
-        # (docs/memory.md: minilm-moe-4e RC at 8 × 192 measured 990.5 MiB after the 16 × 96 turns,
-        # 867.8 MiB in a fresh process), so each size starts from the same state
-        futures = [pool.submit(_model_rows, n, args.data_dir, args.tmp, args.tasks, args.steps, [f"{b}x{s}"], args.dtype)
-                   for n in args.models for b, s in _sizes(n) if not args.sizes or f"{b}x{s}" in args.sizes]
+        futures = [pool.submit(_model_rows, n, args.data_dir, args.tmp, [task], args.steps, [f"{b}x{s}"], args.dtype)
+                   for n in args.models for b, s in _sizes(n) if not args.sizes or f"{b}x{s}" in args.sizes
+                   for task in args.tasks]
         results = [f.result() for f in futures]
     for got in results:
         for r in got:
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                                        *([f"--jobs {args.jobs}"] if args.jobs > 1 else []),
                                        *([f"--out {args.out}"] if args.out != str(HERE / "client_turns.md") else [])]) + "`",
         f"(torch {torch.__version__}, {platform.machine()}, Python {platform.python_version()}, 1 thread, CPU, "
-        f"{took / 60:.1f} min, on a shared machine, load {_load()}). One client turn per task through `Run._client` "
+        f"{took / 60:.1f} min, on a shared machine, load {_load()}). One process per (model, size, task), as one client's process; its turns through `Run._client` "
         f"({args.steps or 'one epoch of'} local steps, LoRA r = 8, eval batch 8); *predicted* = the turn's "
         "`predicted_memory_bytes` (`run.plan.submodel_bytes(kept, client=cid)`: the client's own price, at its "
         "longest training example); *measured* = the turn's `peak_memory_bytes` (docs/memory.md). Ratio = predicted / measured. "

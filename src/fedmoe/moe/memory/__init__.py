@@ -125,18 +125,11 @@ are included; :func:`measure_in_subprocess` does so in a fresh process.
 """
 
 # Layout: ``units`` (bytes per element, the additive table, parameter bytes per unit), ``shapes``
-# (per-token activation factors and model shapes), ``formula`` (the training-memory model and its
-# per-unit split), ``measure`` (peaks of real steps), ``process`` (the measuring process's set-up). Everything
-# public is re-exported here.
-from fedmoe.moe.memory.formula import (
-    TrainingMemoryModel,
-    estimate_for_model,
-    memory_breakdown,
-    memory_model_for,
-    training_bytes,
-    training_table,
-    unit_training_bytes,
-)
+# (per-token activation factors and model shapes), ``formula`` (the training-memory model),
+# ``table`` (its per-unit split on a concrete model: LoRA targets, the additive table), ``measure``
+# (peaks of real steps), ``process`` (the measuring process's set-up). Everything public is
+# re-exported here.
+from fedmoe.moe.memory.formula import TrainingMemoryModel, memory_model_for, training_bytes
 from fedmoe.moe.memory.measure import (
     LossFn,
     StepMeasurement,
@@ -155,6 +148,7 @@ from fedmoe.moe.memory.measure import (
     use_mmap_for_large_allocations,
 )
 from fedmoe.moe.memory.shapes import HF_LOSS, SMOOTHED_CE_LOSS, ActivationFactors, LayerSpec, ModelShape
+from fedmoe.moe.memory.table import estimate_for_model, memory_breakdown, training_table, unit_training_bytes
 from fedmoe.moe.memory.units import (
     OPTIMIZER_TRANSIENT,
     ROUTER_TOPK_BYTES,

@@ -70,7 +70,7 @@ def checkpointed_activation_terms(mm: Any, lora_attn_linears: float = 0.0, lora_
 def _gradient_bytes(model: nn.Module, family: MoEFamily, mm: Any) -> tuple[float, np.ndarray]:
     """``(dense, experts [L, E])``: bytes of the gradients each unit's trained tensors get (trained
     weights and LoRA adapters), as the additive table counts them."""
-    from fedmoe.moe.memory.formula import _unit_costs
+    from fedmoe.moe.memory.table import _unit_costs
 
     bare = replace(mm, optimizer_states=0, adam_impl="fused")  # trained_cost = G; adapter_cost = 2·G
     dense, experts, _, _ = _unit_costs(model, family, bare)
@@ -97,7 +97,8 @@ def checkpointing_saving(model: nn.Module, batch_size: int, seq_len: int, finetu
     kept experts' gradients never exceed the room ``at_loss − G_dense − in_layer``: exact while
     all of them fit there, an upper bound on the peak otherwise. Under full fine-tuning this is
     most of the saving (≈ W: the loss's tensors and the gradients never coexist)."""
-    from fedmoe.moe.memory.formula import _lora_targets, memory_model_for
+    from fedmoe.moe.memory.formula import memory_model_for
+    from fedmoe.moe.memory.table import _lora_targets
 
     family = family or family_of(model)
     mm = memory_model_for(model, batch_size, seq_len, finetune, lora_r, family, **kwargs)

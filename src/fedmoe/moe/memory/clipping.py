@@ -45,7 +45,7 @@ class TopKClip:
 
 def topk_clip(mm: TrainingMemoryModel, lora_expert_linears: float = 2.0) -> TopKClip:
     """:class:`TopKClip` of the memory model ``mm`` (``lora_expert_linears``: adapted linears per
-    expert under LoRA, as :func:`~fedmoe.moe.memory.formula.training_table` counts them)."""
+    expert under LoRA, as :func:`~fedmoe.moe.memory.table.training_table` counts them)."""
     k = max(1, mm.shape.top_k)
     lora = lora_expert_linears if mm.finetune == "lora" else 0.0
 
