@@ -99,3 +99,39 @@ def test_ts_task_and_registry() -> None:
     with pytest.raises(ConfigError):
         get_task("qa")
     assert label_names_of([TCExample("a", "", "x", 1, "Sport")]) == ("World", "Sport", "Business", "Sci/Tech")
+
+
+_LIGHT_ROUGE = """
+import json, sys
+from fedmoe.data.metrics import rouge_f
+pairs = json.load(sys.stdin)
+scores = [rouge_f(t, p) for t, p in pairs]
+print(json.dumps({"scores": scores, "nltk": sorted(m for m in sys.modules if m == "nltk" or m.startswith("nltk.")),
+                  "scipy": "scipy" in sys.modules, "rouge_score": "rouge_score" in sys.modules}))
+import nltk  # a later full import still works
+print(json.dumps({"full_nltk": hasattr(nltk, "word_tokenize") and hasattr(nltk.stem, "WordNetLemmatizer")}))
+"""
+
+
+def test_rouge_equals_rouge_score_on_real_summaries_without_importing_nltk(shared_data) -> None:
+    """Our ROUGE against rouge-score itself, per example and exactly, on 300 real XSum pairs (target:
+    the reference summary; prediction: the document's first sentence, as a lead baseline writes it) —
+    computed in a fresh process that must not import NLTK's package or SciPy."""
+    import json
+    import subprocess
+    import sys
+
+    from fedmoe.data.loaders import load_xsum
+
+    examples = load_xsum(shared_data / "xsum")[:300]
+    pairs = [(ex.summary, ex.document.split("\n")[0].split(". ")[0]) for ex in examples]
+    proc = subprocess.run([sys.executable, "-c", _LIGHT_ROUGE], input=json.dumps(pairs), capture_output=True,
+                          text=True, check=True, timeout=300)
+    light, after = (json.loads(line) for line in proc.stdout.strip().splitlines())
+    assert light["nltk"] == [] and not light["scipy"] and not light["rouge_score"]
+    assert after["full_nltk"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    assert sum(s["rouge2"] > 0 for s in light["scores"]) > 50  # the pairs overlap: not a comparison of zeros
+    for (target, prediction), mine in zip(pairs, light["scores"], strict=True):
+        ref = scorer.score(target, prediction)
+        assert mine == {k: ref[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")}, (target, prediction)

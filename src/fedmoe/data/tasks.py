@@ -147,7 +147,7 @@ class TSTask:
         return _expect(example, TSExample, self.name).summary
 
     def score(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-        """Mean ROUGE-1/2/L F-measure (rouge-score, Porter stemmer)."""
+        """Mean ROUGE-1/2/L F-measure (rouge-score's rules, Porter stemmer: :func:`fedmoe.data.metrics.rouge_scores`)."""
         return rouge_scores(predictions, references)
 
 

@@ -89,7 +89,7 @@ _WARM: set[str] = set()
 
 def warm_metric(task: Any, client: ClientData) -> None:
     """Score one reference against itself, once per task and process, before a turn is measured:
-    a metric's one-time set-up (rouge-score's imports: ~160 MiB resident) belongs to the process,
+    a metric's one-time set-up (NLTK's Porter stemmer for ROUGE) belongs to the process,
     not to the first client turn that happens to validate with it (docs/memory.md)."""
     examples = client.val or client.train
     if task.name in _WARM or not examples:
