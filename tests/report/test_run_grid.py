@@ -113,3 +113,29 @@ def test_collect_keep_existing_adds_only_new_cells_and_appends_the_log(tmp_path)
                                                                  '{"cell": "b"}']
     col.collect(src, dst)  # without it, everything is replaced
     assert (kept / "summary.json").read_text() == "from the grid"
+
+
+def test_collect_replace_overwrites_cells_and_appends_the_log_with_the_commit(tmp_path):
+    import json
+
+    col = _collect_module()
+    src, dst = tmp_path / "runs", tmp_path / "docs"
+    cell = src / "e" / "fedmoe" / "seed0"
+    cell.mkdir(parents=True)
+    (cell / "summary.json").write_text("new α rule")
+    old = dst / "e" / "fedmoe" / "seed0"
+    other = dst / "e" / "fedprox" / "seed0"
+    for d in (old, other):
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text("old")
+    (old / "p_by_task.json").write_text("stale")  # the new cell has none: it must not linger
+    (src / "grid_log.jsonl").write_text('{"cell": "e/fedmoe/seed0", "rc": 0}\n')
+    (dst / "grid_log.jsonl").write_text('{"cell": "e/fedprox/seed0", "commit": "a"}\n')
+    assert col.collect(src, dst, replace=True, commit="b") == [old]
+    assert (old / "summary.json").read_text() == "new α rule" and not (old / "p_by_task.json").exists()
+    assert (other / "summary.json").read_text() == "old"
+    lines = [json.loads(x) for x in (dst / "grid_log.jsonl").read_text().splitlines()]
+    assert lines == [{"cell": "e/fedprox/seed0", "commit": "a"}, {"cell": "e/fedmoe/seed0", "rc": 0, "commit": "b"}]
+    col.collect(src, dst, replace=True, commit="b")  # repeated: nothing appended twice
+    assert len((dst / "grid_log.jsonl").read_text().splitlines()) == 2
+    assert col.main([str(src), str(dst), "--replace", "--keep-existing"]) == 2
