@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     root: Path = args.root if args.root.is_absolute() else REPO / args.root
     log = root / args.preset / "grid_log.jsonl"
     failed: list[Cell] = []
+    commit = code_commit()
     todo = [c for c in cells if state(c, root) != "done"]
     print(f"part {args.part[0]}/{args.part[1]}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run",
           flush=True)
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         rc = subprocess.run(cmd, cwd=REPO).returncode
         entry = {"cell": f"{cell.setting}/{cell.method}/seed{cell.seed}", "rc": rc, "wall_s": round(time.time() - t0, 1),
-                 "command": shlex.join(cmd), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                 "command": shlex.join(cmd), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit,
+                 "load": _load()}
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -190,6 +192,29 @@ def main(argv: list[str] | None = None) -> int:
         print("failed cells: " + ", ".join(f"{c.setting}/{c.method}/seed{c.seed}" for c in failed), flush=True)
     print(f"report: fedmoe report {_rel(root / args.preset)} --out {_rel(root / args.preset / 'report')}", flush=True)
     return 1 if failed else 0
+
+
+def code_commit() -> str:
+    """The commit the cells run at (``git rev-parse --short HEAD`` of this checkout, ``+dirty`` when
+    tracked files under src/ differ from it; ``unknown`` outside git), written into every log line."""
+    def git(*a: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = git("diff", "--quiet", "HEAD", "--", "src").returncode != 0
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

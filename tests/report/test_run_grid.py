@@ -139,3 +139,19 @@ def test_collect_replace_overwrites_cells_and_appends_the_log_with_the_commit(tm
     col.collect(src, dst, replace=True, commit="b")  # repeated: nothing appended twice
     assert len((dst / "grid_log.jsonl").read_text().splitlines()) == 2
     assert col.main([str(src), str(dst), "--replace", "--keep-existing"]) == 2
+
+
+def test_every_log_line_names_the_commit_and_the_load(rg, tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    monkeypatch.setattr(rg, "command", lambda cell, root, extra, resume=False: [sys.executable, "-c", "pass"])
+    rc = rg.main(["--preset", "cpu", "--settings", "enforced-hetero-t", "--methods", "fedavg", "--no-ablation",
+                  "--root", str(tmp_path)])
+    entry = json.loads((tmp_path / "cpu" / "grid_log.jsonl").read_text())
+    assert rc == 0 and entry["rc"] == 0 and entry["cell"] == "enforced-hetero-t/fedavg/seed0"
+    assert entry["commit"].split("+")[0] == head.stdout.strip()
+    assert len(entry["load"].split()) == 3
