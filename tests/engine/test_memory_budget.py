@@ -75,3 +75,25 @@ def test_hfedmoe_turns_within_budget_after_the_selection_pass(shared_data, tmp_p
         assert 0 < c["peak_memory_bytes"] <= c["budget_bytes"], c
         assert c["peak_memory_bytes"] <= 1.10 * c["predicted_memory_bytes"], c  # 2 steps: the price is an upper bound
     assert json.loads((out / "summary.json").read_text())["over_budget_turns"] == 0
+
+
+def test_measuring_memory_changes_no_result(shared_data, tmp_path):
+    # With engine.measure_memory the process is set up first and rehearses one local step on a copy of
+    # its first turn's sub-MoE (fedmoe.moe.memory.rehearse_once) — with the random states restored, so
+    # the run must equal one without measurement to the last digit: scores, losses, expert sets, bytes.
+    # Fresh processes: the set-up and the rehearsal happen once per process.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for flag in ("true", "false"):
+        out = outs[flag] = tmp_path / flag
+        cmd = [sys.executable, "-m", "fedmoe.cli", "run", str(REPO / "configs" / "tiny.toml"),
+               "--set", f'data.data_dir="{shared_data}"', "--set", f"engine.measure_memory={flag}", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    measured, plain = (_turns(outs[f]) for f in ("true", "false"))
+    assert all(c["peak_memory_bytes"] > 0 for c in measured) and all(not c["peak_memory_bytes"] for c in plain)
+    keys = ("client_id", "stage", "loss", "score", "num_experts", "bytes_down_base", "bytes_down", "bytes_up",
+            "predicted_memory_bytes", "steps")
+    assert [[c[k] for k in keys] for c in measured] == [[c[k] for k in keys] for c in plain]
+    s_measured, s_plain = (json.loads((outs[f] / "summary.json").read_text()) for f in ("true", "false"))
+    assert s_measured["scores"] == s_plain["scores"]
