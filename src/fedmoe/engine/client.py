@@ -170,15 +170,43 @@ def _rehearsal(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
                train_cfg: Any, seed: int) -> None:
     """One local step on a throwaway copy of ``sub``, on the client's longest examples (by text
     length): the first use of the math libraries at this model's shapes sets up buffers the process
-    keeps (docs/memory.md) — process set-up, like :func:`warm_metric`, not the first turn's cost."""
+    keeps (docs/memory.md) — process set-up, like :func:`warm_metric`, not the first turn's cost.
+
+    On CPU the copy shares ``sub``'s frozen weight tensors (its modules are new, so LoRA wraps only
+    the copy); a tensor the wrapped copy trains gets its own clone before the step, and every shared
+    tensor's ``requires_grad`` is put back afterwards — so the rehearsal adds the step's training
+    memory, not a second copy of the weights, and leaves ``sub`` exactly as it was
+    (``tests/engine/test_memory_budget.py``: a run with measurement equals one without)."""
     import copy
 
-    model = trainables.wrap(copy.deepcopy(sub)).to(ctx.device)
-    trainables.load(model, from_wire(from_bytes(download), ctx.cfg.engine.wire_dtype))
-    longest = sorted(client.train, key=lambda ex: len(repr(ex)), reverse=True)[: train_cfg.batch_size]
-    one = dataclasses.replace(train_cfg, max_local_steps=1, local_epochs=1)
-    local_train(model, ctx.family, ctx.kind, ctx.tasks[client.task], longest, ctx.tokenizer, one, ctx.cfg.data,
-                ctx.device, seed)
+    from torch import nn
+
+    # on CUDA the copy is a full one: moving shared tensors to the device would move ``sub``'s too,
+    # and the measured turn counts its own move of the weights
+    shared = [*sub.model.parameters(), *sub.model.buffers()] if ctx.device.type == "cpu" else []
+    flags = [t.requires_grad for t in shared]
+    try:
+        twin = dataclasses.replace(sub, model=copy.deepcopy(sub.model, {id(t): t for t in shared}))
+        model = trainables.wrap(twin).to(ctx.device)
+        ids = {id(t) for t in shared}
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.requires_grad and id(p) in ids:  # trained here: its own copy
+                    module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=True)
+        for t, flag in zip(shared, flags, strict=True):
+            t.requires_grad_(flag)
+        trainables.load(model, from_wire(from_bytes(download), ctx.cfg.engine.wire_dtype))
+        for module in model.modules():  # what load or a graft made trainable must not be shared either
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.requires_grad and id(p) in ids:
+                    module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=True)
+        longest = sorted(client.train, key=lambda ex: len(repr(ex)), reverse=True)[: train_cfg.batch_size]
+        one = dataclasses.replace(train_cfg, max_local_steps=1, local_epochs=1)
+        local_train(model, ctx.family, ctx.kind, ctx.tasks[client.task], longest, ctx.tokenizer, one, ctx.cfg.data,
+                    ctx.device, seed)
+    finally:
+        for t, flag in zip(shared, flags, strict=True):
+            t.requires_grad_(flag)
 
 
 def evaluate_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: Trainables,
