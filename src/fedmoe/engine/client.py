@@ -179,8 +179,6 @@ def _rehearsal(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
     (``tests/engine/test_memory_budget.py``: a run with measurement equals one without)."""
     import copy
 
-    from torch import nn
-
     # on CUDA the copy is a full one: moving shared tensors to the device would move ``sub``'s too,
     # and the measured turn counts its own move of the weights
     shared = [*sub.model.parameters(), *sub.model.buffers()] if ctx.device.type == "cpu" else []
@@ -189,17 +187,11 @@ def _rehearsal(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
         twin = dataclasses.replace(sub, model=copy.deepcopy(sub.model, {id(t): t for t in shared}))
         model = trainables.wrap(twin).to(ctx.device)
         ids = {id(t) for t in shared}
-        for module in model.modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None and p.requires_grad and id(p) in ids:  # trained here: its own copy
-                    module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=True)
+        _unshare_trained(model, ids)
         for t, flag in zip(shared, flags, strict=True):
             t.requires_grad_(flag)
         trainables.load(model, from_wire(from_bytes(download), ctx.cfg.engine.wire_dtype))
-        for module in model.modules():  # what load or a graft made trainable must not be shared either
-            for name, p in list(module._parameters.items()):
-                if p is not None and p.requires_grad and id(p) in ids:
-                    module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=True)
+        _unshare_trained(model, ids)  # what load or a graft made trainable must not be shared either
         longest = sorted(client.train, key=lambda ex: len(repr(ex)), reverse=True)[: train_cfg.batch_size]
         one = dataclasses.replace(train_cfg, max_local_steps=1, local_epochs=1)
         local_train(model, ctx.family, ctx.kind, ctx.tasks[client.task], longest, ctx.tokenizer, one, ctx.cfg.data,
@@ -207,6 +199,14 @@ def _rehearsal(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: 
     finally:
         for t, flag in zip(shared, flags, strict=True):
             t.requires_grad_(flag)
+
+
+def _unshare_trained(model: torch.nn.Module, shared_ids: set[int]) -> None:
+    """Give every trainable parameter of ``model`` that is one of the shared tensors its own copy."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.requires_grad and id(p) in shared_ids:
+                module._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=True)
 
 
 def evaluate_client(ctx: ClientContext, client: ClientData, sub: SubMoE, trainables: Trainables,
