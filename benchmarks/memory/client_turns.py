@@ -6,14 +6,14 @@ and run one client turn per task in ``--tasks`` (``Run._client``: extraction, do
 training, validation) with ``engine.measure_memory`` on. *predicted* is what the θ search prices that
 sub-MoE at (``run.plan.submodel_bytes``); *measured* is the turn's ``peak_memory_bytes`` on
 the basis budgets are stated in (docs/memory.md: the sub-MoE's weights + the peak the turn adds
-to its process; CPU: VmHWM, large allocations mmapped). Each (model, size, task) runs in its own
-fresh process, as one client's process would: the engine's own set-up (``prepare_process``, the
-task's metric warm-up, the rehearsal step) and then the turns, the first of them recorded too.
-A turn's peak depends on what its process ran before: in one process shared by all three tasks,
-ROUGE's import (~400 MiB of small Python objects, for TS) leaves free heap fragments that later
-turns' small allocations reuse without touching new pages, so a tiny model's turn measured
-1–2 MiB less after it (``tiny-mixtral`` 8 × 64: 6.6–7.3 MiB after it, 8.0–8.9 MiB without;
-docs/memory.md).
+to its process; CPU: VmHWM, large allocations mmapped). Each turn (model, size, task, experts
+kept) runs in its own fresh process as that process's first turn, the largest a client process
+measures: the engine's own set-up (``prepare_process``, the task's metric warm-up, the rehearsal
+step) and then the one turn. A turn's peak depends on what its process ran before: later turns
+reuse heap blocks freed by earlier ones without touching new pages, so a tiny model's second and
+third turns measured 0.2–0.6 MiB less than the same turn first (``tiny-mixtral`` 8 × 64, all
+experts: 8.0 MiB as a third turn); in a process shared by all three tasks, an old ROUGE import
+(~400 MiB of small Python objects) made it 1–2 MiB less (docs/memory.md).
 
 Batches are padded to their longest row (``fedmoe.train.batching``), so a turn's activations
 follow the longest *training batch it ran*, not ``data.max_seq_len``. The table also records
@@ -51,12 +51,19 @@ def _sizes(name: str) -> list[tuple[int, int]]:
     return SIZES["minilm" if name.startswith("minilm") else "smollm2" if name.startswith("smollm2") else "tiny"]
 
 
-def turn_config(name: str, b: int, s: int, data_dir: str, steps: int = 0, dtype: str = "float32") -> Any:
+def _counts(num_experts: list[int]) -> list[int]:
+    """Experts kept per layer: 2, 4 and all (fewer where a layer has fewer)."""
+    top = max(num_experts)
+    return sorted({min(2, top), min(4, top), top})
+
+
+def turn_config(name: str, b: int, s: int, data_dir: str, steps: int = 0, dtype: str = "float32",
+                examples: int = 96) -> Any:
     """The benchmark's run configuration for ``name`` at ``b`` rows × ``s`` tokens."""
     from fedmoe.config import load_config
 
     return load_config(REPO / "configs" / "quickstart.toml", [
-        f'data.data_dir="{data_dir}"', f'model.name="{name}"', "data.max_examples_per_task=96",
+        f'data.data_dir="{data_dir}"', f'model.name="{name}"', f"data.max_examples_per_task={examples}",
         f"data.max_seq_len={s}", "data.max_target_len=16", f"train.batch_size={b}", f"train.max_local_steps={steps}",
         "train.eval_batch_size=8", "engine.measure_memory=true", "setting.num_clients=3",
         "federation.exclude_unfit=true",  # turns run by hand below: a budget no expert set fits must not stop the set-up
@@ -65,7 +72,8 @@ def turn_config(name: str, b: int, s: int, data_dir: str, steps: int = 0, dtype:
 
 
 def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int,
-                sizes: list[str] | None = None, dtype: str = "float32") -> list[dict]:
+                sizes: list[str] | None = None, dtype: str = "float32", ks: list[str] | None = None,
+                examples: int = 96) -> list[dict]:
     import json
 
     import torch
@@ -91,14 +99,16 @@ def _model_rows(name: str, data_dir: str, tmp: str, tasks: list[str], steps: int
     for b, s in _sizes(name):
         if sizes and f"{b}x{s}" not in sizes:
             continue
-        cfg = turn_config(name, b, s, data_dir, steps, dtype)
-        out = Path(tmp) / f"{name}-{b}x{s}-{'-'.join(tasks)}"
+        cfg = turn_config(name, b, s, data_dir, steps, dtype, examples)
+        out = Path(tmp) / f"{name}-{b}x{s}-{'-'.join(tasks)}-{'-'.join(ks or ['all'])}"
         out.mkdir(parents=True)
         run = Run(cfg, out)
         run._base_bytes = lambda cid, kept: 0  # byte accounting is not measured here
         n = run.plan.num_experts
         by_task = {run.clients[c].task: c for c in sorted(run.clients)}
-        for k in sorted({min(2, max(n)), min(4, max(n)), max(n)}):
+        for k in _counts(n):
+            if ks and str(k) not in ks:
+                continue
             kept = [list(range(min(k, e))) for e in n]
             for task, cid in sorted((t, c) for t, c in by_task.items() if t in tasks):
                 t0 = time.perf_counter()
@@ -135,19 +145,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="local steps per turn (0: one whole epoch, so the client's longest row is trained)")
     ap.add_argument("--dtype", default="float32", help="model.dtype (e.g. bfloat16 for the SmolLM2 preset)")
     ap.add_argument("--sizes", nargs="*", default=None, help="BxS sizes to run (e.g. 8x192), default: all of the model's")
+    ap.add_argument("--examples", type=int, default=96, help="data.max_examples_per_task (fewer: shorter epochs)")
     ap.add_argument("--jobs", type=int, default=1, help="models measured at the same time (memory is per process)")
     args = ap.parse_args(argv)
     import torch
 
     t0 = time.perf_counter()
     rows: list[dict] = []
-    # one fresh process per (model, size, task), as one client's process: a turn's peak depends on what
-    # its process ran before (docs/memory.md: minilm-moe-4e RC at 8 × 192 measured 990.5 MiB after the
-    # 16 × 96 turns, 867.8 MiB in a fresh process; tiny-mixtral 1–2 MiB less after TS's ROUGE import)
+    # one fresh process per turn (model, size, task, experts kept), each turn its process's first, as a
+    # client process's first turn: a turn's peak depends on what its process ran before (docs/memory.md:
+    # minilm-moe-4e RC at 8 × 192 measured 990.5 MiB after the 16 × 96 turns, 867.8 MiB in a fresh
+    # process; tiny-mixtral 1–2 MiB less after TS's ROUGE import, and 0.2–0.6 MiB less on a process's
+    # second and third turns than on its first)
+    from fedmoe.moe.meta import load_shapes
+
+    def counts(name: str) -> list[int]:
+        model, family = load_shapes(name)
+        return _counts([b.num_experts for b in family.blocks(model)])
+
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_model_rows, n, args.data_dir, args.tmp, [task], args.steps, [f"{b}x{s}"], args.dtype)
+        futures = [pool.submit(_model_rows, n, args.data_dir, args.tmp, [task], args.steps, [f"{b}x{s}"], args.dtype,
+                               [str(k)], args.examples)
                    for n in args.models for b, s in _sizes(n) if not args.sizes or f"{b}x{s}" in args.sizes
-                   for task in args.tasks]
+                   for task in args.tasks for k in counts(n)]
         results = [f.result() for f in futures]
     for got in results:
         for r in got:
@@ -168,11 +188,14 @@ def main(argv: list[str] | None = None) -> int:
                                        *(["--sizes", *args.sizes] if args.sizes else []),
                                        *([f"--steps {args.steps}"] if args.steps else []),
                                        *([f"--dtype {args.dtype}"] if args.dtype != "float32" else []),
+                                       *([f"--examples {args.examples}"] if args.examples != 96 else []),
                                        *([f"--jobs {args.jobs}"] if args.jobs > 1 else []),
                                        *([f"--out {args.out}"] if args.out != str(HERE / "client_turns.md") else [])]) + "`",
         f"(torch {torch.__version__}, {platform.machine()}, Python {platform.python_version()}, 1 thread, CPU, "
-        f"{took / 60:.1f} min, on a shared machine, load {_load()}). One process per (model, size, task), as one client's process; its turns through `Run._client` "
-        f"({args.steps or 'one epoch of'} local steps, LoRA r = 8, eval batch 8); *predicted* = the turn's "
+        f"{took / 60:.1f} min, on a shared machine, load {_load()}). One fresh process per turn (model, size, task, experts kept), "
+        "each turn its process's first, as a client process's first turn (set-up, metric warm-up, rehearsal step, then the turn "
+        "through `Run._client`; "
+        f"{args.steps or 'one epoch of'} local steps, LoRA r = 8, eval batch 8, {args.examples} examples per task); *predicted* = the turn's "
         "`predicted_memory_bytes` (`run.plan.submodel_bytes(kept, client=cid)`: the client's own price, at its "
         "longest training example); *measured* = the turn's `peak_memory_bytes` (docs/memory.md). Ratio = predicted / measured. "
         "*S used* = the widest training batch the turn ran (batches are padded to their longest row); "
