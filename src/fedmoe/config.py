@@ -183,6 +183,10 @@ class FlexConfig:
     gate_bias: float = -4.0
     #: training examples a client picks its personalised experts e* on (0 = its whole train split)
     max_choice_examples: int = 0
+    #: experts per MoE layer of the MoE the clients hold (the first n of each layer), as
+    #: ``baseline.num_experts``: 0 = the run's whole MoE, budgets not enforced (the published FLEx);
+    #: -1 = the largest n whose model + side experts fits every client's budget; n > 0 = n
+    num_experts: int = 0
 
 
 @dataclass

@@ -241,14 +241,54 @@ def test_resume_replays_exactly(tmp_path, shared_data, algorithm: str):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def _side_oracle(cfg) -> float:
+    """FLEx's side experts of tiny-mixtral (fp32, CPU AdamW), written from its config alone: per layer one
+    expert (gate/up [2I, H] + down [H, I]) and the gate (H + 1), each held as weight, gradient and two
+    Adam states, times the runtime slack."""
+    from fedmoe.engine.budget import RUNTIME_SLACK
+
+    c = load_model(cfg.model.name, seed=0)[0].config
+    h, i = c.hidden_size, c.intermediate_size
+    per_layer = (2 * i * h + h * i + h + 1) * 4 * 4
+    return RUNTIME_SLACK * per_layer * c.num_hidden_layers
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="real data not found")
 def test_flex_says_up_front_which_budgets_cannot_hold_its_model(tmp_path):
     from fedmoe.errors import DataNotice
 
+    cfg = _cfg("flex")
     with pytest.warns(DataNotice, match=r"FLEx does not enforce memory budgets") as notes:
-        run = Run(_cfg("flex"), tmp_path)
-    t = run.plan.table
-    short = sorted(c for c in run.clients if t.budgets[c] < t.full_bytes(c))
+        run = Run(cfg, tmp_path)
+    t, side = run.plan.table, _side_oracle(cfg)
+    assert run.strategy.extra_training_bytes(0) == pytest.approx(side, rel=1e-12)
+    short = sorted(c for c in run.clients if t.budgets[c] < t.full_bytes(c) + side)
     assert short  # this configuration's budgets (u from 0.3) include some below the whole MoE
     text = str(next(n.message for n in notes if "FLEx" in str(n.message)))
     assert f"{len(short)} of {len(run.clients)} clients ({', '.join(map(str, short))})" in text
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="real data not found")
+def test_flex_num_experts_auto_keeps_every_measured_turn_within_its_budget(tmp_path):
+    """flex.num_experts = -1: the clients hold the largest smaller MoE whose price + side experts fits every
+    budget (as the baselines'); each turn is priced at that + the side experts, and measures within its budget."""
+    cfg = _cfg("flex", "standard-hetero-t", "engine.measure_memory=true", "flex.num_experts=-1", "setting.budget_high=0.9")
+    ref = Run(load_config(REPO / "configs" / "tiny.toml", [f'data.data_dir="{SHARED_DATA}"', "data.max_examples_per_task=36",
+                                                           "setting.num_clients=6", "setting.budget_high=0.9"]), tmp_path / "ref")
+    t, side = ref.plan.table, _side_oracle(cfg)
+    fits = [n for n in range(max(ref.plan.num_experts), 0, -1)
+            if all(ref.plan.submodel_bytes([list(range(n))] * len(ref.plan.num_experts), client=c) + side <= t.budgets[c]
+                   for c in t.budgets)]
+    n = fits[0]
+    assert n < max(ref.plan.num_experts)  # the budgets bind: the whole MoE does not fit everyone
+    run_experiment(cfg, tmp_path / "run")
+    summary, rounds = _outputs(tmp_path / "run")
+    assert summary["flex_num_experts"] == [n] * len(ref.plan.num_experts) and summary["excluded"] == {}
+    assert summary["over_budget_turns"] == 0
+    turns = [c for r in rounds for c in r["clients"]]
+    assert turns and all(not c["error"] for c in turns)
+    for c in turns:
+        price = ref.plan.submodel_bytes([list(range(n))] * len(ref.plan.num_experts), client=c["client_id"]) + side
+        assert c["predicted_memory_bytes"] == int(price)
+        assert c["num_experts"] == n * len(ref.plan.num_experts)
+        assert 0 < c["peak_memory_bytes"] <= c["budget_bytes"]

@@ -195,7 +195,8 @@ def finish_turn(run: Run, job: ClientJob, outcome: TurnOutcome, transport: Trans
         client_id=job.client_id, task=client.task, stage=job.stage, loss=0.0, score=0.0,
         num_examples=len(client.train), bytes_down_base=outcome.bytes_down_base + base,
         bytes_down=outcome.bytes_down + down, bytes_up=outcome.bytes_up + up, peak_memory_bytes=0,
-        predicted_memory_bytes=int(run.plan.submodel_bytes(job.kept, job.checkpointing, job.client_id)),
+        predicted_memory_bytes=int(run.plan.submodel_bytes(job.kept, job.checkpointing, job.client_id)
+                                   + run.strategy.extra_training_bytes(job.client_id)),
         budget_bytes=int(client.budget_bytes or 0), num_experts=sum(len(k) for k in job.kept), steps=0,
         gradient_checkpointing=job.checkpointing,
     )

@@ -115,6 +115,12 @@ class Strategy:
     def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan | None:
         return None
 
+    def extra_training_bytes(self, cid: int) -> float:
+        """Training bytes client ``cid``'s turn holds beyond its sub-MoE's price
+        (``run.plan.submodel_bytes``), added to its ``predicted_memory_bytes``: none by default;
+        FLEx's side experts."""
+        return 0.0
+
     def uses_checkpointing(self, run: Run, cid: int, stage: int) -> bool:
         """Whether client ``cid`` trains with gradient checkpointing this turn. Default: only when
         ``train.gradient_checkpointing`` is ``true`` (``"auto"`` buys experts only where a strategy

@@ -53,13 +53,13 @@ if TYPE_CHECKING:
 STAGE = 2
 
 
-def resolve_num_experts(plan: MemoryPlan, requested: int) -> list[int]:
+def resolve_num_experts(plan: MemoryPlan, requested: int, extra_bytes: float = 0.0, key: str = "baseline.num_experts") -> list[int]:
     """Experts per layer of the baselines' global model for ``baseline.num_experts = requested``.
 
     ``0`` → the model's own counts; ``n > 0`` → ``min(n, E_i)`` per layer; ``−1`` → the largest
-    n (≥ 1) such that ``dense_k + Σ_i Σ_{j < min(n, E_i)} mem_k(i, j) ≤ M_k`` for every client k (each
-    priced at its own batch), or 1 if none fits
-    (the fit check then fails loudly or excludes).
+    n (≥ 1) such that ``dense_k + Σ_i Σ_{j < min(n, E_i)} mem_k(i, j) + extra_bytes ≤ M_k`` for every
+    client k (each priced at its own batch; ``extra_bytes``: what a turn trains beyond the model,
+    FLEx's side experts), or 1 if none fits (the fit check then fails loudly or excludes).
     """
     counts = list(plan.num_experts)
     if requested == 0:
@@ -67,13 +67,45 @@ def resolve_num_experts(plan: MemoryPlan, requested: int) -> list[int]:
     if requested > 0:
         return [min(requested, e) for e in counts]
     if requested != -1:
-        raise ConfigError(f"baseline.num_experts = {requested} is invalid.",
+        raise ConfigError(f"{key} = {requested} is invalid.",
                           "use n > 0 experts per layer, 0 for the run's model, or -1 for the largest that fits.")
     for n in range(max(counts), 0, -1):
         kept = [list(range(min(n, e))) for e in counts]
-        if all(plan.submodel_bytes(kept, client=cid) <= m for cid, m in plan.table.budgets.items()):
+        if all(plan.submodel_bytes(kept, client=cid) + extra_bytes <= m for cid, m in plan.table.budgets.items()):
             return [min(n, e) for e in counts]
     return [1] * len(counts)
+
+
+def unfit_clients(name: str, plan: MemoryPlan, counts: list[int], clients: list[int], exclude: bool,
+                  extra_bytes: float = 0.0, key: str = "baseline.num_experts") -> dict[int, str]:
+    """Clients whose budget cannot hold the global model of ``counts`` experts per layer (plus
+    ``extra_bytes``), each with its reason; raises :class:`~fedmoe.errors.BudgetError` for the first
+    unless ``exclude`` (``federation.exclude_unfit``), and when no client is left."""
+    sets = [list(range(n)) for n in counts]
+    needs = {cid: plan.submodel_bytes(sets, client=cid) + extra_bytes for cid in clients}
+    unfit = [(cid, plan.table.budgets[cid]) for cid in clients if needs[cid] > plan.table.budgets[cid]]
+    excluded: dict[int, str] = {}
+    for cid, budget in unfit:
+        msg = (f"Client {cid} cannot hold the {name} global model ({sum(counts)} experts, "
+               f"{counts} per layer): it needs {needs[cid]:.0f} training bytes, its budget is {budget:.0f} bytes.")
+        if not exclude:
+            others = f" ({len(unfit) - 1} more clients do not fit either)" if len(unfit) > 1 else ""
+            raise BudgetError(msg + others, f"set {key} to fewer experts per layer (-1 = the largest that fits "
+                              "every client), raise setting.budget_low, or set federation.exclude_unfit=true to "
+                              "leave such clients out.")
+        excluded[cid] = msg
+    if len(excluded) == len(clients):
+        raise BudgetError(f"No client can hold the {name} global model ({min(needs.values()):.0f} "
+                          "training bytes or more).", f"set {key} to fewer experts per layer, or raise the budgets.")
+    return excluded
+
+
+def restricted_plan(plan: MemoryPlan, counts: list[int]) -> MemoryPlan:
+    """``plan`` for the model keeping the first ``counts[i]`` experts of each layer: its table restricted
+    (every client's own costs too, budgets unchanged) and its top-k clip kept, so a sub-MoE of that
+    model costs what it costs under ``plan``."""
+    table = plan.table.restrict(counts)
+    return MemoryPlan(table, table.full_bytes(), list(counts), plan.clip, dict(plan.clips))
 
 
 def global_model(inp: SetupInput, model: nn.Module, counts: list[int]) -> NewGlobal:
@@ -84,11 +116,10 @@ def global_model(inp: SetupInput, model: nn.Module, counts: list[int]) -> NewGlo
     loaded model; its ``plan``: the run's memory table restricted to the kept experts, with
     the clients' budgets unchanged.
     """
-    table = inp.plan.table.restrict(counts)  # every client's own costs, restricted too
     for p in model.parameters():  # frozen before the adapters are made, as the engine does
         p.requires_grad_(False)
     trainables = Trainables.create(model, inp.family, inp.finetune, inp.lora, inp.seed)
-    return NewGlobal(trainables, model, MemoryPlan(table, table.full_bytes(), list(counts)))
+    return NewGlobal(trainables, model, restricted_plan(inp.plan, counts))
 
 
 def client_keys(state: dict[str, torch.Tensor], task: str) -> list[str]:
@@ -112,24 +143,8 @@ class BaselineStrategy(Strategy):
             plan = new.plan
         self.num_experts = counts
         self.full_sets = [list(range(n)) for n in counts]
-        needs = {cid: plan.submodel_bytes(self.full_sets, client=cid) for cid in sorted(inp.clients)}
-        self.excluded: dict[int, str] = {}
-        unfit = [(cid, plan.table.budgets[cid]) for cid in sorted(inp.clients) if needs[cid] > plan.table.budgets[cid]]
-        for cid, budget in unfit:
-            need = needs[cid]
-            msg = (f"Client {cid} cannot hold the {self.name} global model ({sum(counts)} experts, "
-                   f"{counts} per layer): it needs {need:.0f} training bytes, its budget is {budget:.0f} bytes.")
-            if not self.fed.exclude_unfit:
-                others = f" ({len(unfit) - 1} more clients do not fit either)" if len(unfit) > 1 else ""
-                raise BudgetError(msg + others, "set baseline.num_experts to fewer experts per layer (-1 = the "
-                                  "largest that fits every client), raise setting.budget_low, or set "
-                                  "federation.exclude_unfit=true to leave such clients out.")
-            self.excluded[cid] = msg
+        self.excluded = unfit_clients(self.name, plan, counts, sorted(inp.clients), self.fed.exclude_unfit)
         self.members = [cid for cid in sorted(inp.clients) if cid not in self.excluded]
-        if not self.members:
-            raise BudgetError(f"No client can hold the {self.name} global model ({min(needs.values()):.0f} "
-                              "training bytes or more).",
-                              "set baseline.num_experts to fewer experts per layer, or raise the budgets.")
         self.tasks = {cid: c.task for cid, c in inp.clients.items()}
         return new
 

@@ -27,7 +27,8 @@ shared tensors, server bookkeeping) and :mod:`fedmoe.moe.graft` (choosing e*, gr
   file a replay would need (it then restores an older one).
 * **Rounds.** ``federation.rounds`` rounds recorded as stage 2, sampled like the baselines. Budgets
   are not enforced (the paper's FLEx has none): each client's ``predicted_memory_bytes`` is the
-  full MoE's, reported against its budget.
+  full MoE's price plus its side experts' weights, gradients and optimiser state
+  (:meth:`FlexStrategy.extra_training_bytes`), reported against its budget.
 * **Final evaluation.** Each client on the full MoE with the final shared tensors and its own
   side experts (a client that never took part chooses e* then and uses the untrained copies);
   on Flower the nodes run it (only they hold the side experts) and send the scores back.
@@ -54,16 +55,19 @@ from fedmoe.algorithms import flex as algo
 from fedmoe.core.aggregation import ClientUpdate
 from fedmoe.core.layout import UnitLayout
 from fedmoe.data.settings import ClientData
+from fedmoe.engine.budget import RUNTIME_SLACK
 from fedmoe.engine.client import ClientContext, ClientPlan, ClientReply
 from fedmoe.engine.node_plans import ExtraUp, NodeTurn, register_client_kind, register_node_plan
 from fedmoe.engine.strategies.base import NewGlobal, RoundPlan, SetupInput, Strategy
+from fedmoe.engine.strategies.baselines import resolve_num_experts, restricted_plan, unfit_clients
 from fedmoe.engine.strategies.hfedmoe import client_batches
 from fedmoe.engine.trainables import HEAD_TASKS, Trainables, _other_heads
 from fedmoe.errors import ConfigError, DataNotice
 from fedmoe.moe.families import MoEFamily
 from fedmoe.moe.graft import choose_personal_experts, graft_side_experts, mark_side_trainable, side_parameters
 from fedmoe.moe.lora import HEAD_PATTERNS, LoraSpec, load_trainable_state, trainable_state
-from fedmoe.moe.slicing import ExpertMap, SubMoE
+from fedmoe.moe.memory import side_expert_training_bytes
+from fedmoe.moe.slicing import ExpertMap, SubMoE, extract
 from fedmoe.train.loop import LocalHooks, forward_context
 
 if TYPE_CHECKING:
@@ -229,26 +233,46 @@ class FlexStrategy(Strategy):
         if inp.section.max_choice_examples < 0:
             raise ConfigError(f"flex.max_choice_examples = {inp.section.max_choice_examples} is negative.",
                               "use 0 (the whole train split) or a positive count.")
-        table = inp.plan.table
-        short = sorted(c for c in inp.clients if table.budgets[c] < table.full_bytes(c))
-        if short:  # said up front, not only counted in over_budget_turns afterwards
-            warnings.warn(DataNotice(
-                f"FLEx does not enforce memory budgets (docs/algorithms.md §4.4): each client holds the whole MoE, "
-                f"priced {min(table.full_bytes(c) for c in short) / 2**20:.1f} MiB or more, above the budgets of "
-                f"{len(short)} of {len(inp.clients)} clients ({', '.join(map(str, short))}); their turns may "
-                "measure above them (over_budget in rounds.jsonl)."), stacklevel=2)
-        trainables = FlexTrainables.create_shared(inp.model, inp.family, inp.lora, inp.seed)
+        # the side experts' weights, gradients and optimiser state (their activations offset the frozen
+        # experts' smaller ones: docs/memory.md "FLEx"), with the runtime slack every price carries
+        self.side_bytes = RUNTIME_SLACK * float(side_expert_training_bytes(inp.model, inp.family).sum())
+        counts = resolve_num_experts(inp.plan, inp.section.num_experts, self.side_bytes, key="flex.num_experts")
+        model, plan = inp.model, inp.plan
+        if counts != list(plan.num_experts):  # a smaller MoE every client fits, as the baselines hold
+            model = extract(inp.model, [list(range(n)) for n in counts], inp.family).model
+            for p in model.parameters():
+                p.requires_grad_(False)
+            plan = restricted_plan(plan, counts)
+        self.excluded: dict[int, str] = {}
+        if inp.section.num_experts:
+            self.excluded = unfit_clients(self.name, plan, counts, sorted(inp.clients), inp.federation.exclude_unfit,
+                                          self.side_bytes, key="flex.num_experts")
+        else:
+            price = {c: plan.table.full_bytes(c) + self.side_bytes for c in inp.clients}
+            short = sorted(c for c in inp.clients if plan.table.budgets[c] < price[c])
+            if short:  # said up front, not only counted in over_budget_turns afterwards
+                warnings.warn(DataNotice(
+                    f"FLEx does not enforce memory budgets with flex.num_experts = 0 (docs/algorithms.md §4.4): each "
+                    f"client holds the whole MoE and trains a side expert per layer, priced "
+                    f"{min(price[c] for c in short) / 2**20:.1f} MiB or more, above the budgets of {len(short)} of "
+                    f"{len(inp.clients)} clients ({', '.join(map(str, short))}); their turns may measure above them "
+                    "(over_budget in rounds.jsonl). flex.num_experts = -1 keeps them."), stacklevel=2)
+        trainables = FlexTrainables.create_shared(model, inp.family, inp.lora, inp.seed)
         self.state = algo.init_state(trainables.state)
-        self.full = [list(range(n)) for n in inp.plan.num_experts]
+        self.full = [list(range(n)) for n in counts]
         self.rounds = inp.federation.rounds
-        return NewGlobal(trainables)
+        if model is inp.model:
+            return NewGlobal(trainables)
+        return NewGlobal(trainables, model, plan)
 
     def num_rounds(self) -> int:
         return self.rounds
 
     def plan(self, run: Run, rnd: int) -> RoundPlan:
-        sampled = run.fed.sample_clients(rnd, self.round_rng(run, rnd))
-        return RoundPlan(rnd, STAGE, sampled, {c: self.full for c in sampled})
+        drawn = run.fed.sample_clients(rnd, self.round_rng(run, rnd))
+        sampled = [c for c in drawn if c not in self.excluded]
+        skipped = {c: self.excluded[c] for c in drawn if c in self.excluded}
+        return RoundPlan(rnd, STAGE, sampled, {c: self.full for c in sampled}, skipped)
 
     def client_folder(self, run: Run, cid: int) -> Path:
         return run.out / "clients" / f"{cid}"
@@ -258,6 +282,10 @@ class FlexStrategy(Strategy):
         tr = FlexClientTrainables(g.family, g.finetune, g.lora, g.state, g.layout)
         return tr.bind(run.ctx, run.clients[cid], self.client_folder(run, cid), rnd, run.cfg.flex.gate_bias,
                        run.cfg.flex.max_choice_examples)
+
+    def extra_training_bytes(self, cid: int) -> float:
+        """The side experts (and gates) a FLEx turn trains in full, beyond the frozen MoE's price."""
+        return self.side_bytes
 
     def client_plan(self, run: Run, cid: int, kept: list[list[int]]) -> ClientPlan | None:
         """First participation: the client reports e* (node plan ``flex-choice``)."""
@@ -274,11 +302,12 @@ class FlexStrategy(Strategy):
         return dict(self.state.shared)
 
     def final_sets(self, run: Run) -> dict[int, list[list[int]]]:
-        return {cid: self.full for cid in sorted(run.clients)}
+        return {cid: self.full for cid in sorted(run.clients) if cid not in self.excluded}
 
     def summary_extras(self) -> dict[str, Any]:
         n = float(sum(len(s) for s in self.full))
-        return {"experts_start": {"mean": n, "min": n, "max": n},
+        return {"experts_start": {"mean": n, "min": n, "max": n}, "flex_num_experts": [len(s) for s in self.full],
+                "excluded": {str(k): v for k, v in self.excluded.items()},
                 "flex_personal_experts": {str(k): v for k, v in sorted(self.state.personal_experts.items())}}
 
     def state_dict(self) -> dict[str, Any]:

@@ -148,7 +148,13 @@ from fedmoe.moe.memory.measure import (
     use_mmap_for_large_allocations,
 )
 from fedmoe.moe.memory.shapes import HF_LOSS, SMOOTHED_CE_LOSS, ActivationFactors, LayerSpec, ModelShape
-from fedmoe.moe.memory.table import estimate_for_model, memory_breakdown, training_table, unit_training_bytes
+from fedmoe.moe.memory.table import (
+    estimate_for_model,
+    memory_breakdown,
+    side_expert_training_bytes,
+    training_table,
+    unit_training_bytes,
+)
 from fedmoe.moe.memory.units import (
     OPTIMIZER_TRANSIENT,
     ROUTER_TOPK_BYTES,
@@ -166,6 +172,7 @@ __all__ = [
     "ActivationFactors", "AdamImpl", "Finetune", "LayerSpec", "LossFn", "MemoryTable", "ModelShape",
     "StepMeasurement", "TrainingMemoryModel", "dtype_bytes", "estimate_for_model", "make_batch", "measure_client_turn", "measure_in_subprocess", "prepare_process",
     "measure_peak", "measure_training_step", "measure_training_step_subprocess", "memory_breakdown",
-    "memory_model_for", "param_bytes_by_unit", "ratio", "rehearse_once", "release_free_memory", "submodel_training_bytes",
+    "memory_model_for", "param_bytes_by_unit", "ratio", "rehearse_once", "release_free_memory", "side_expert_training_bytes",
+    "submodel_training_bytes",
     "tensor_bytes", "training_bytes", "training_table", "unit_training_bytes", "use_mmap_for_large_allocations",
 ]

@@ -206,6 +206,33 @@ def unit_training_bytes(
     return float(table.dense_bytes), table.expert_bytes.astype(np.float64)
 
 
+def side_expert_training_bytes(model: nn.Module, family: MoEFamily | None = None, **kwargs: Any) -> np.ndarray:
+    """Per MoE layer: the weights, gradient and optimiser state of one side expert trained in full
+    beside the block, with its gate (FLEx, :mod:`fedmoe.moe.graft`: a copy of expert e* and an
+    ``H → 1`` linear), priced as the layer's largest expert (e* is chosen on the client).
+
+    Activations are left out on purpose: the side expert keeps activations for every token, while
+    the frozen routed experts of a FLEx client (no adapters) keep fewer than the LoRA-adapted ones
+    the dense part is priced with — the two nearly cancel (measured, docs/memory.md "FLEx").
+    ``kwargs`` go to :class:`TrainingMemoryModel` (default AdamW as :func:`unit_training_bytes`)."""
+    _check_unwrapped(model)
+    family = family or family_of(model)
+    kwargs.setdefault("adam_impl", "foreach" if torch.cuda.is_available() else "for-loop")
+    mm = memory_model_for(model, 1, 1, "full", 8, family, **kwargs)
+    state = model.state_dict()
+    blocks = family.blocks(model)
+    out = np.zeros(len(blocks))
+    for i, info in enumerate(blocks):
+        block = model.get_submodule(info.path)
+        hidden = mm.shape.hidden
+        for j in range(info.num_experts):
+            parts = [sl.read(state) for sl in family.expert_slices(info.path, block, j)]
+            elements = sum(t.numel() for t in parts) + hidden + 1
+            size = sum(t.numel() * t.element_size() for t in parts) + (hidden + 1) * parts[0].element_size()
+            out[i] = max(out[i], size + mm.trained_cost(size, elements))
+    return out
+
+
 def memory_breakdown(
     model: nn.Module,
     batch_size: int,
