@@ -126,6 +126,20 @@ def test_fedavg_on_a_smaller_global_moe_on_flower_matches_inprocess(tmp_path):
         assert all(c["num_experts"] == 2 * len(run.strategy.num_experts) for c in rec["clients"])
 
 
+def test_flex_on_a_smaller_moe_on_flower_matches_inprocess(tmp_path):
+    """flex.num_experts = n: the nodes hold the first n experts of every layer (from their base model) and the
+    side experts; every turn is priced at that MoE + the side experts, on Flower as in-process."""
+    run, a, b = pair(tmp_path, "algorithm=flex", "flex.num_experts=2")
+    assert run.strategy.full == [[0, 1]] * len(run.strategy.full)
+    assert_same_run(a, b)
+    side = run.strategy.extra_training_bytes(0)
+    assert side > 0
+    for rec in rounds_of(b):
+        for c in rec["clients"]:
+            assert c["num_experts"] == 2 * len(run.strategy.full)
+            assert c["predicted_memory_bytes"] == int(run.plan.submodel_bytes(run.strategy.full, client=c["client_id"]) + side)
+
+
 # -- SCAFFOLD ---------------------------------------------------------------------------------------
 def test_scaffold_on_flower_keeps_c_k_on_the_node(tmp_path):
     run, a, b = pair(tmp_path, "algorithm=scaffold")

@@ -3,8 +3,11 @@
 The pure steps live in :mod:`fedmoe.algorithms.flex` (shared/personal split, FedAvg of the
 shared tensors, server bookkeeping) and :mod:`fedmoe.moe.graft` (choosing e*, grafting).
 
-* **What trains and travels.** Every client holds the *whole* pretrained MoE, frozen (experts
-  and routers included); LoRA adapters on attention only (plus task heads, if the family has
+* **What trains and travels.** Every client holds the pretrained MoE, frozen (experts and routers
+  included): the whole MoE with ``flex.num_experts = 0`` (default, as published; budgets are not
+  enforced), or, with ``-1``, the largest smaller MoE whose price plus the side experts fits every
+  client's budget (the first n experts of every layer, as the baselines'; a client that fits none
+  stops the run or, with ``federation.exclude_unfit``, is left out); LoRA adapters on attention only (plus task heads, if the family has
   them) are the *shared* tensors: they go down and up every round and are FedAvg'd with the
   |D_c| weights (:func:`fedmoe.algorithms.flex.aggregate`). The grafted side experts and side
   gates are *personal*: trained in full, never sent; the server's global trainable state holds
