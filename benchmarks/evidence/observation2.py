@@ -139,7 +139,7 @@ def summarise(root: Path) -> str:
 
 
 def figure(root: Path, path: Path) -> None:
-    """Paper Fig. 2 style bars: mean score per arm with 95 % CI error bars, one group per model/task."""
+    """Paper Fig. 2 style: mean score per arm (point) with its 95 % CI and the seeds' scores, one panel per model/task."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,23 +148,27 @@ def figure(root: Path, path: Path) -> None:
     groups = [d for m in sorted(p for p in root.iterdir() if p.is_dir()) for d in sorted(m.iterdir()) if any(d.glob("*.json"))]
     if not groups:
         return
-    fig, ax = plt.subplots(figsize=(2.6 * len(groups) + 1, 3.2))
-    labelled: set[str] = set()
-    for g, d in enumerate(groups):
+    # one panel per model/task, each with its own score axis (RC F1 and TS ROUGE-2 sit far below TC accuracy)
+    fig, axes = plt.subplots(1, len(groups), figsize=(2.4 * len(groups) + 0.6, 3.2), squeeze=False)
+    for ax, d in zip(axes[0], groups, strict=True):
         cells = [json.loads(f.read_text()) for f in d.glob("*.json")]
+        tops = []
         for a, arm in enumerate(ARMS):
             v = [c["scores"][c["metric"]] for c in cells if c["arm"] == arm]
             if v:
                 m, h = ci95(v)
-                ax.bar(g + 0.27 * (a - 1), 100 * m, 0.25, yerr=100 * h, capsize=3, color=f"C{a}",
-                       label=None if arm in labelled else arm)
-                labelled.add(arm)
-                ax.text(g + 0.27 * (a - 1), 100 * m + 100 * h + 0.3, f"n={len(v)}", ha="center", fontsize=7)
-    ax.set_xticks(range(len(groups)), [f"{d.parent.name}\n{d.name}" for d in groups], fontsize=8)
-    ax.set_ylabel("score (%)")
-    lo = min(b.get_height() for b in ax.patches) if ax.patches else 0
-    ax.set_ylim(max(0, lo - 5), None)
-    ax.legend(fontsize=8)
+                # points, not bars: each panel's axis starts near its scores, where bar lengths would mislead
+                ax.errorbar(a, 100 * m, yerr=100 * h, fmt="o", capsize=4, color=f"C{a}", label=arm)
+                ax.plot([a] * len(v), [100 * x for x in v], ".", color=f"C{a}", alpha=0.45)
+                ax.text(a, 100 * (m + h), f"n={len(v)}", ha="center", va="bottom", fontsize=7)
+                tops.append((100 * (m - h), 100 * (m + h)))
+        lo, hi = min(t[0] for t in tops), max(t[1] for t in tops)
+        pad = max(0.5, 0.25 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+        ax.set_xticks(range(len(ARMS)), ARMS, fontsize=7)
+        ax.set_xlim(-0.6, len(ARMS) - 0.4)
+        ax.set_title(f"{d.parent.name}\n{d.name} ({cells[0]['metric']})", fontsize=8)
+    axes[0][0].set_ylabel("score (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
