@@ -111,6 +111,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "hfedmoe.beta": (0.0, float("inf"), True), "hfedmoe.tau": (-float("inf"), 1.0, False),
     "hfedmoe.alpha": (0.0, float("inf"), False), "hfedmoe.max_score_examples": (0, float("inf"), True),
     "flex.gate_bias": (-float("inf"), float("inf"), False), "flex.max_choice_examples": (0, float("inf"), True),
+    "flex.num_experts": (-1, float("inf"), True),
     "engine.checkpoint_every": (0, float("inf"), True), "engine.max_update_norm": (0.0, float("inf"), True),
 }  # every int/float key has a range (a test checks); every float must also be finite
 
