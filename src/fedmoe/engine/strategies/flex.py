@@ -28,11 +28,12 @@ shared tensors, server bookkeeping) and :mod:`fedmoe.moe.graft` (choosing e*, gr
   (and stale ones from rounds ≥ r of an interrupted run) are removed. With
   ``engine.checkpoint_every`` > 1 a client taking part twice between checkpoints can lose the
   file a replay would need (it then restores an older one).
-* **Rounds.** ``federation.rounds`` rounds recorded as stage 2, sampled like the baselines. Budgets
-  are not enforced (the paper's FLEx has none): each client's ``predicted_memory_bytes`` is the
-  full MoE's price plus its side experts' weights, gradients and optimiser state
-  (:meth:`FlexStrategy.extra_training_bytes`), reported against its budget.
-* **Final evaluation.** Each client on the full MoE with the final shared tensors and its own
+* **Rounds.** ``federation.rounds`` rounds recorded as stage 2, sampled like the baselines (clients
+  left out as unfit are skipped). Each client's ``predicted_memory_bytes`` is the held MoE's price
+  plus its side experts' weights, gradients and optimiser state
+  (:meth:`FlexStrategy.extra_training_bytes`), reported against its budget; with
+  ``flex.num_experts = 0`` nothing keeps it below the budget (the paper's FLEx has none).
+* **Final evaluation.** Each client on the MoE it holds with the final shared tensors and its own
   side experts (a client that never took part chooses e* then and uses the untrained copies);
   on Flower the nodes run it (only they hold the side experts) and send the scores back.
 * ``train.finetune`` must be ``lora``.
