@@ -63,3 +63,27 @@ def test_collate_puts_the_loss_on_the_answer_only():
     assert _text(ids[:n_prompt]).endswith("\nTopic:")
     assert _text([v for v in labels if v != IGNORE]) == " Business"
     assert len(ids) == 160
+
+
+def test_extractive_ts_target_is_the_best_sentence_the_model_sees():
+    """The oracle (ROUGE-1 + ROUGE-2 F) is taken over the sentences whose start fits in ``max_seq_len``; the best
+    sentence of the whole document (here the third) is no target when the model cannot see it."""
+    doc = "The cat sat down. Rain fell all day. The cat sat on the mat."
+    ex = TSExample("x2", doc, "The cat sat on the mat.")
+    tok = ByteTokenizer()
+    # bytes: [CLS] + 17 + [SEP] = 19 → 2nd sentence starts at 19; the 3rd would start at 38
+    cut = collate("encoder", get_task("ts"), [ex], tok, 30, 16)
+    assert cut["sentence_positions"][0].tolist() == [1, 19]
+    assert cut["sentences"][0] == ["The cat sat down.", "Rain fell all day."]
+    assert cut["labels"].tolist() == [0]  # shares "the cat", "cat sat"; the 2nd shares nothing
+    whole = collate("encoder", get_task("ts"), [ex], tok, 128, 16)
+    assert whole["sentence_positions"][0].tolist() == [1, 19, 38]
+    assert whole["labels"].tolist() == [2]
+
+
+def test_extractive_ts_target_breaks_a_no_bigram_tie_by_shared_words():
+    """No sentence shares a bigram with the summary (a third of XSum's documents in their first
+    96 tokens): the target is the one sharing words (ROUGE-1), not sentence 0 by the tie."""
+    ex = TSExample("x3", "The cat sat down. Heavy rain fell.", "Rain clouds gathered.")
+    batch = collate("encoder", get_task("ts"), [ex], ByteTokenizer(), 128, 16)
+    assert batch["labels"].tolist() == [1]
