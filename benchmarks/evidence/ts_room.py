@@ -16,11 +16,16 @@ decoder). This script measures, on the same 968 evaluation rows as ``observation
   clipped to the last sentence the model sees): how often it clipped and what always picking it
   scores.
 
-One command, deterministic (seed 0), ~2 min per window length on one thread::
+and, with ``--memorise N``, whether the TS head can fit at all: the stand-in is LoRA-fine-tuned
+(the client path, lr 2e-3) for 80 steps on its first ``N`` training rows and its target accuracy
+on those same rows is reported before and after (a head that cannot even memorise would be a bug;
+one that memorises but does not generalise is what the table above is about).
 
-    OMP_NUM_THREADS=1 python benchmarks/evidence/ts_room.py [--model DIR] [--max-len 96,160,256]
+One command, deterministic (seed 0); ~10 min per window length on one thread beside other work::
 
-Writes ``results/ts_room.json`` and ``results/ts_room.md``.
+    OMP_NUM_THREADS=1 python benchmarks/evidence/ts_room.py [--model DIR] [--max-len 96,256] [--memorise 32]
+
+Writes ``results/ts_room.json`` and ``results/ts_room.md`` (``--memorise`` adds its entry to them).
 """
 
 from __future__ import annotations
@@ -101,9 +106,35 @@ def measure(model, tok, rows: list, max_len: int, draws: int) -> dict:
     }
 
 
+def memorise(model, tok, rows: list, max_len: int) -> dict:
+    """Target accuracy on ``rows`` before and after 80 LoRA steps on exactly those rows."""
+    from fedmoe.config import DataConfig, TrainConfig
+    from fedmoe.data.tasks import get_task
+    from fedmoe.moe.families import family_of
+    from fedmoe.moe.lora import apply_lora
+    from fedmoe.train.batching import collate, model_inputs
+    from fedmoe.train.loop import local_train
+
+    task, cpu = get_task("ts"), torch.device("cpu")
+    pm = apply_lora(model, r=8, alpha=16)
+
+    def accuracy() -> float:
+        pm.eval()
+        batch = collate("encoder", task, rows, tok, max_len, 32)
+        with torch.no_grad():
+            logits = pm(**model_inputs(batch, "encoder", cpu)).logits
+        return float((logits.argmax(-1) == batch["labels"]).float().mean())
+
+    before = accuracy()
+    cfg = TrainConfig(lr=2e-3, batch_size=8, local_epochs=20, max_local_steps=80)
+    res = local_train(pm, family_of(pm), "encoder", task, rows, tok, cfg, DataConfig(max_seq_len=max_len), cpu, 0)
+    return {"rows": len(rows), "max_len": max_len, "steps": res.steps, "accuracy_before": before,
+            "accuracy_after": accuracy(), "train_loss": res.loss}
+
+
 def summarise(res: dict) -> str:
     lines = ["# TS room: extractive one-sentence ROUGE on the TS evaluation rows", "",
-             f"{res['rows']} rows (the 968 of `observation2.py --task ts`), model `{Path(res['model']).name}`; "
+             f"{res['windows'][0]['rows'] if res['windows'] else 0} rows (the 968 of `observation2.py --task ts`), model `{Path(res['model']).name}`; "
              f"{res['seconds'] / 60:.1f} min ({res['threads']} thread; load: {res['load']}). ROUGE F in %.", "",
              "| window (tokens) | sentences seen | lead | last | random | central (untrained) | training target | "
              "best by ROUGE-2 (ceiling) | old target | no shared bigram | old target clipped |",
@@ -115,6 +146,11 @@ def summarise(res: dict) -> str:
                      f"{s['old_target']:.2f} | {100 * m['no_bigram_share']:.1f} % | {100 * m['old_target_clipped_share']:.1f} % |")
     lines += ["", "ROUGE-2 columns: the score of always picking that sentence. Training-target positions "
               "(sentence index: rows): " + "; ".join(f"{m['max_len']} tokens: {m['target_position']}" for m in res["windows"]), ""]
+    if "memorise" in res:
+        m = res["memorise"]
+        lines += [f"Memorising: {m['rows']} training rows at {m['max_len']} tokens, {m['steps']} LoRA steps on them: target "
+                  f"accuracy on those rows {100 * m['accuracy_before']:.1f} % -> {100 * m['accuracy_after']:.1f} % "
+                  f"(mean training loss {m['train_loss']:.3f}).", ""]
     return "\n".join(lines)
 
 
@@ -124,24 +160,38 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="stand-in folder (default: build_standin's cache)")
     ap.add_argument("--max-len", default="96", help="comma-separated window lengths in tokens")
     ap.add_argument("--draws", type=int, default=5, help="random draws per row for the random rule")
+    ap.add_argument("--memorise", type=int, default=0, help="only add the memorising check on this many training rows")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--summary", action="store_true", help="only rewrite ts_room.md from ts_room.json")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.summary:
+        text = summarise(json.loads((out / "ts_room.json").read_text()))
+        (out / "ts_room.md").write_text(text)
+        print(text)
+        return
     setup_threads()
     if args.model is None:
         import build_standin
 
         args.model = str(build_standin.main([]))
-    _, rows, note = data_split(args.data_dir, "ts", 960, 1000)
+    train, rows, note = data_split(args.data_dir, "ts", 960, 1000)
     if note:
         print(note)
     t0 = now()
     model, _, tok = load_model(args.model, seed=0)
     model.eval()
-    windows = [measure(model, tok, rows, int(L), args.draws) for L in args.max_len.split(",")]
-    res = {"model": args.model, "windows": windows, "seconds": round(now() - t0, 1),
-           "threads": torch.get_num_threads(), "load": load_note()}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.memorise:
+        done = out / "ts_room.json"
+        res = json.loads(done.read_text()) if done.is_file() else {"model": args.model, "windows": [], "seconds": 0.0,
+                                                                  "threads": torch.get_num_threads(), "load": load_note()}
+        res["memorise"] = {**memorise(model, tok, train[: args.memorise], int(args.max_len.split(",")[0])),
+                           "seconds": round(now() - t0, 1), "load": load_note()}
+    else:
+        windows = [measure(model, tok, rows, int(L), args.draws) for L in args.max_len.split(",")]
+        res = {"model": args.model, "windows": windows, "seconds": round(now() - t0, 1),
+               "threads": torch.get_num_threads(), "load": load_note()}
     (out / "ts_room.json").write_text(json.dumps(res, indent=1))
     text = summarise(res)
     (out / "ts_room.md").write_text(text)

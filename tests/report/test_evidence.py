@@ -96,3 +96,32 @@ def test_heldout_ids_file_matches_the_rule(common):
     ids = [ln for ln in lines if ln and not ln.startswith("#")]
     want = [e.id for t in ("tc", "rc", "ts") for e in common.split_task(str(SHARED_DATA), t)[0]]
     assert ids == want and len(ids) == 1181 + 2337 + 482
+
+
+def test_ts_room_rules_score_the_sentence_they_pick():
+    """``ts_room.measure`` on two documents whose sentences are seen whole: each rule's ROUGE-2 is the
+    mean over rows of the sentence it picks, computed here from ``rouge_f`` directly."""
+    import ts_room
+
+    from fedmoe.data.examples import TSExample
+    from fedmoe.data.metrics import rouge_f
+    from fedmoe.moe.models import build_tiny
+    from fedmoe.moe.tokenizer import char_wordpiece_tokenizer
+
+    rows = [TSExample("a", "The cat sat down. Rain fell all day. The cat sat on the mat.", "The cat sat on the mat."),
+            TSExample("b", "Heavy rain fell. The cat slept.", "Rain clouds gathered.")]
+    model = build_tiny("tiny-bert-moe", seed=0).eval()
+    res = ts_room.measure(model, char_wordpiece_tokenizer(), rows, 512, draws=3)
+    r2 = [[rouge_f(ex.summary, s)["rouge2"] for s in sents] for ex, sents in
+          zip(rows, (["The cat sat down.", "Rain fell all day.", "The cat sat on the mat."],
+                     ["Heavy rain fell.", "The cat slept."]), strict=True)]
+    sc = {k: v["rouge2"] for k, v in res["scores"].items()}
+    assert res["sentences_seen_mean"] == 2.5 and res["rows"] == 2
+    assert sc["lead"] == pytest.approx((r2[0][0] + r2[1][0]) / 2)
+    assert sc["last"] == pytest.approx((r2[0][2] + r2[1][1]) / 2)
+    assert sc["best_rouge2"] == pytest.approx((1.0 + 0.0) / 2)  # row a: the summary itself; row b: no bigram
+    # targets: row a sentence 2 (the summary), row b sentence 0 (shares "rain"); the old bigram rule: 2 and 0
+    assert res["target_position"] == {"0": 1, "2": 1}
+    assert sc["target"] == pytest.approx(0.5) and sc["old_target"] == pytest.approx(0.5)
+    assert res["no_bigram_share"] == 0.5 and res["old_target_clipped_share"] == 0.0
+    assert min(sc.values()) >= 0.0 and max(v for k, v in sc.items()) <= sc["best_rouge2"] + 1e-12
