@@ -62,9 +62,9 @@ def oracle_sentence(candidates: Sequence[str], summary: str) -> int:
 
 @functools.lru_cache(maxsize=8192)
 def _oracle(candidates: tuple[str, ...], summary: str) -> int:
-    # cached: a client's rows are collated again every turn, and ROUGE's stemming is ~1 ms a sentence
-    scores = [(f["rouge1"] + f["rouge2"]) for f in (rouge_f(summary, s) for s in candidates)]
-    return max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 0
+    # cached: a client's rows are collated again every turn, and ROUGE's stemming costs ~0.4 ms a sentence
+    scores = [f["rouge1"] + f["rouge2"] for f in (rouge_f(summary, s) for s in candidates)]
+    return int(np.argmax(scores)) if scores else 0  # argmax: the first of tied maxima
 
 
 def ts_row(tok: Any, document: str, max_len: int) -> tuple[list[int], list[int], list[str]]:
@@ -73,11 +73,10 @@ def ts_row(tok: Any, document: str, max_len: int) -> tuple[list[int], list[int],
     sents = sentences(document) or [document]
     ids, pos = [tok.cls_token_id], []
     for s in sents:
-        piece = _ids(tok, s)
-        if len(ids) + 2 > max_len:
+        if len(ids) + 2 > max_len:  # no room for this sentence's first token and its [SEP]
             break
         pos.append(len(ids))
-        ids += piece[: max_len - len(ids) - 1] + [tok.sep_token_id]
+        ids += _ids(tok, s)[: max_len - len(ids) - 1] + [tok.sep_token_id]
     return ids, pos, sents[: len(pos)]
 
 
